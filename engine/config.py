@@ -1,0 +1,187 @@
+"""The whole configuration of a run: one structured dataclass per part, composed by Hydra.
+
+Each part owns its dataclass and the only copy of its defaults (`ModelConfig` in
+`engine.models`, `TaskConfig` in `engine.tasks`, `LearnerConfig` in `learner.config`,
+`VerifierConfig` in `verifiers.config`); this module adds the engine's own (`ClusterConfig`,
+`AssayConfig`), registers the schema in Hydra's ConfigStore and turns command-line overrides into
+a validated `AssayConfig`. YAML under `configs/` holds only choices and experiment overrides.
+
+Hydra's overrides need mutable config nodes, so the dataclasses are not declared frozen; the
+entry point converts the composed config to plain dataclass instances once (`compose_config`) and
+nothing downstream mutates or calls `cfg.get("x", default)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.models import ModelConfig
+from engine.tasks import TaskConfig
+from learner.algos import LOSSES
+from learner.config import LearnerConfig
+from learner.config import validate as validate_learner
+from verifiers.config import VerifierConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key and what is allowed."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """`None`: start a local Ray instance bound to 127.0.0.1; `auto` or `HOST:PORT`: join a running cluster."""
+    learners: int = 1
+    """Number of learner actors (data-parallel DeepSpeed ranks)."""
+    rollout_workers: int = 1
+    """Number of rollout actors (used by the RL stage)."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray instance (`None`: all of this machine's)."""
+    placement: str = "colocated"
+    """`colocated` (learner and rollout share devices) or `split` (disjoint devices)."""
+
+
+@dataclass
+class AssayConfig:
+    name: str = "default"
+    """Experiment name; the run writes `runs_dir/<name>/<stage>/`."""
+    stage: str = "pretrain"
+    """`pretrain` (NLL on all tokens of packed sequences) or `sft` (NLL on response tokens only)."""
+    steps: int = 100
+    """Optimizer steps of this stage."""
+    seq_len: int = 64
+    """Pretraining: tokens per packed row."""
+    max_len: int = 64
+    """SFT: longest prompt+response in tokens; longer examples are truncated from the right."""
+    corpus_docs: int = 4000
+    """Documents of the task corpus used to train the tiny model's tokenizer."""
+    init_from_previous_stage: bool = True
+    """SFT with no `model.path`: start from this run's pretrain export (`<name>/pretrain/final/hf`) when it exists."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    eval_every: int = 0
+    """Run the held-out greedy evaluation every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final export is always kept)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint of this run's stage."""
+    runs_dir: str = "runs"
+    """Where run directories are created."""
+    seed: int = 0
+    """Seed of the run (task sampling, model init and the learner)."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# Closed sets of values; the message of a bad value lists them.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "stage": ("pretrain", "sft"),
+    "learner.loss": tuple(LOSSES),
+    "cluster.placement": ("colocated", "split"),
+}
+# Fields that must be positive integers.
+POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
+            "cluster.rollout_workers", "learner.batch_size", "learner.micro_batch_size")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="assay_schema", node=AssayConfig)
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR) -> AssayConfig:
+    """Compose `configs/config.yaml` with command-line `overrides` into a validated `AssayConfig`."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            composed = compose(config_name="config", overrides=overrides)
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err, overrides, config_dir)) from None
+    try:
+        cfg = OmegaConf.to_object(composed)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, overrides, config_dir)) from None
+    assert isinstance(cfg, AssayConfig)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: AssayConfig) -> None:
+    """Check values that types alone cannot: closed choices and positive counts."""
+    for key, allowed in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        value = _lookup(cfg, key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}={value!r} is not allowed; expected a positive integer")
+    try:
+        validate_learner(cfg.learner, cfg.cluster.learners)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def to_yaml(cfg: AssayConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _known_keys(node: Any = AssayConfig, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        keys.extend(_known_keys(type(default), key + ".") if is_dataclass(default) else [key])
+    return keys
+
+
+def _explain(err: Exception, overrides: list[str], config_dir: Path) -> str:
+    """Turn Hydra/OmegaConf's error into one that names the key, the value and what is allowed."""
+    cause = err.__cause__ or err
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    key = getattr(cause, "full_key", None) or _override_key(text, overrides)
+    lines = [f"invalid configuration: {key + ': ' if key and key not in text else ''}{text}"]
+    known = _known_keys()
+    if "Could not find" in text or isinstance(err, MissingConfigException):
+        for group in sorted(p.name for p in config_dir.iterdir() if p.is_dir()):
+            options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+            lines.append(f"  {group}=  one of: {', '.join(options)}")
+    elif key and key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        siblings = [k for k in known if k.startswith(parent) and k.count(".") == key.count(".")]
+        lines.append(f"  did you mean: {', '.join(close)}?" if close else f"  keys allowed here: {', '.join(siblings)}")
+    lines.append(f"  (overrides given: {' '.join(overrides) or 'none'})")
+    return "\n".join(lines)
+
+
+def _override_key(text: str, overrides: list[str]) -> str | None:
+    """The key of the override that the error message is about, when the message does not name it."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in text or (value and f"'{value}'" in text):
+            return key
+    return None

@@ -1,0 +1,126 @@
+"""Batches for the supervised stages: packed pretraining rows and prompt/response SFT rows.
+
+Pure functions from text (or tasks) and a tokenizer to tensors named as DESIGN.md §3 says. One
+convention holds for every batch the learner sees:
+
+    logprobs[:, t] = log p(input_ids[:, t] | input_ids[:, :t])
+
+so `loss_mask[:, t] = 1` means "token t is a target, predicted from the tokens before it", and
+`loss_mask[:, 0]` is always 0 (nothing precedes it). `attention_mask` is int64 (the Hugging Face
+convention), `loss_mask` float32 (it multiplies per-token losses).
+
+Prompts are tokenized exactly as generation will see them (`encode_prompt`; rollout workers should
+call the same function): the prompt and the response are tokenized separately and their ids
+concatenated, so the prompt's ids are a prefix of the row, whatever BPE would merge across the seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from verifiers.base import Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt as the rollout engine feeds it to the model.
+
+    Text is encoded with the tokenizer's own special tokens (a real Llama gets its BOS; the tiny
+    model's tokenizer adds none), as vLLM does for a text prompt. Chat messages go through the
+    tokenizer's chat template with the generation prompt appended.
+    """
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a chat-message prompt needs a tokenizer with a chat template; this one has none")
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    """Token ids of a response continuing a prompt (no special tokens; the caller appends eos)."""
+    return list(tokenizer.encode(response, add_special_tokens=False))
+
+
+def pack_pretrain(
+    docs: Iterable[str], tokenizer: PreTrainedTokenizerBase, seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Concatenate documents, each followed by eos, and cut the stream into rows of `seq_len` tokens.
+
+    The final partial row is dropped (no padding: `attention_mask` is all ones); documents may span
+    rows and attend to their predecessors in the same row (standard packing, no attention reset).
+    """
+    eos = _eos_id(tokenizer)
+    stream: list[int] = []
+    for doc in docs:
+        stream += encode_response(tokenizer, doc)
+        stream.append(eos)
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
+    input_ids = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)  # (N, T)
+    loss_mask = torch.ones(rows, seq_len, dtype=torch.float32)  # (N, T)
+    loss_mask[:, 0] = 0.0  # the first token of a row has no context to be predicted from
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(rows, seq_len, dtype=torch.long),
+        "loss_mask": loss_mask,
+    }
+
+
+def sft_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: int) -> dict[str, torch.Tensor]:
+    """Rows `prompt + meta["response"] + eos`, right-padded to the longest row.
+
+    `loss_mask` is 1 exactly on the response tokens and the eos. Truncation: the prompt is kept
+    whole (it is what generation conditions on) and the response is cut on the right to fit
+    `max_len`; a cut response loses its eos, so the model never learns to stop mid-answer. A prompt
+    that leaves no room for one response token is an error naming the task.
+    """
+    if not tasks:
+        raise ValueError("sft_batch needs at least one task")
+    eos, pad = _eos_id(tokenizer), _pad_id(tokenizer)
+    rows: list[tuple[list[int], int]] = []  # (ids, prompt length)
+    for task in tasks:
+        response = task.meta.get("response")
+        if response is None:
+            raise ValueError(
+                f"task {task.id!r} has no demonstration (meta['response'] is None); "
+                "SFT needs a response for every task"
+            )
+        if not isinstance(response, str):
+            raise TypeError(
+                f"task {task.id!r}: meta['response'] is {type(response).__name__}, expected a string"
+            )
+        prompt_ids = encode_prompt(tokenizer, task.prompt)
+        if not prompt_ids or len(prompt_ids) >= max_len:
+            raise ValueError(
+                f"task {task.id!r}: the prompt is {len(prompt_ids)} tokens, which leaves no room "
+                f"for a response within max_len={max_len}"
+            )
+        response_ids = (encode_response(tokenizer, response) + [eos])[: max_len - len(prompt_ids)]
+        rows.append((prompt_ids + response_ids, len(prompt_ids)))
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.float32)  # (B, T)
+    for i, (ids, prompt_len) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        loss_mask[i, prompt_len : len(ids)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; documents and responses need one to end")
+    return int(tokenizer.eos_token_id)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else _eos_id(tokenizer)

@@ -1,0 +1,270 @@
+"""Tasks from a dataset file: JSON Lines or Parquet, one row per problem.
+
+The whole file is read and checked when the source is built, so a bad row stops the run at start-up
+with its file, line and field (`data.jsonl:17: field 'answer' is missing (expected a string)`)
+instead of crashing a rollout hours later. For Parquet the "line" is the 1-based row number.
+
+Held-out split: either a separate `eval_path`, or the `eval_size` rows whose prompt hashes lowest
+(a fixed slice that depends neither on the seed nor on row order). Training rows whose prompt equals
+a held-out prompt are dropped, so duplicates cannot leak. Training draws are a seeded shuffle per
+epoch; the stream position is `(epoch, pos)`, so resuming is exact. Training task ids are
+`<row id>@<epoch>` (unique within an epoch's worth of draws); held-out ids are the row ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.tasks.base import DEFAULT_COLUMNS, TaskConfig, problem_hash, prompt_text
+from verifiers.base import Task
+
+_EXPECTED = {
+    "prompt": "a string or a list of chat messages",
+    "reference": "a string",
+    "response": "a string",
+    "id": "a string",
+}
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read, or a row with a missing or mistyped field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One validated row of a task file."""
+
+    id: str
+    prompt: str | list[dict[str, str]]
+    reference: Any
+    response: str | None
+    where: str  # "<file>:<line>"
+
+
+def read_rows(path: str | Path, columns: dict[str, str], file_format: str = "auto") -> list[Row]:
+    """All rows of a task file, validated; raises `TaskFileError` naming file, line and field."""
+    path = Path(path)
+    fmt = _format(path, file_format)
+    if not path.is_file():
+        raise TaskFileError(f"{path}: no such task file")
+    records = _jsonl_records(path) if fmt == "jsonl" else _parquet_records(path, columns)
+    rows: list[Row] = []
+    seen: dict[str, str] = {}  # id -> where it was first seen
+    for line, record in records:
+        row = _row(record, columns, f"{path}:{line}")
+        if row.id in seen:
+            raise TaskFileError(f"{row.where}: id {row.id!r} repeats the id of {seen[row.id]}")
+        seen[row.id] = row.where
+        rows.append(row)
+    if not rows:
+        raise TaskFileError(f"{path}: no rows")
+    return rows
+
+
+class FileSource:
+    """Seeded, resumable stream over the rows of a task file (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        file_format: str = "auto",
+        columns: dict[str, str] | None = None,
+        verifier: str = "math",
+        eval_path: str | None = None,
+        seed: int = 0,
+        eval_size: int = 64,
+    ) -> None:
+        columns = {**DEFAULT_COLUMNS, **(columns or {})}
+        unknown = sorted(set(columns) - set(DEFAULT_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"task.file.columns: unknown task fields {unknown}; known: {sorted(DEFAULT_COLUMNS)}"
+            )
+        for required in ("prompt", "reference"):
+            if not columns[required]:
+                raise ValueError(f"task.file.columns.{required} must name a column")
+        rows = read_rows(path, columns, file_format)
+        if eval_path:
+            held = read_rows(eval_path, columns, file_format)
+        else:
+            if eval_size >= len(rows):
+                raise ValueError(
+                    f"task.eval_size={eval_size} leaves no training rows in {path} ({len(rows)} rows)"
+                )
+            held = sorted(rows, key=lambda r: problem_hash(prompt_text(r.prompt)))[:eval_size]
+        held_prompts = {problem_hash(prompt_text(r.prompt)) for r in held}
+        self._train = [r for r in rows if problem_hash(prompt_text(r.prompt)) not in held_prompts]
+        if not self._train:
+            raise ValueError(f"{path}: every row is held out (its prompt is in the held-out set)")
+        self._eval = held
+        self.verifier = verifier
+        self.seed = seed
+        self._epoch, self._pos = 0, 0
+        self._order = self._permutation("train", 0)
+
+    @classmethod
+    def from_config(cls, cfg: TaskConfig, seed: int) -> FileSource:
+        f = cfg.file
+        if not f.path:
+            raise ValueError("task.source=file needs task.file.path (a .jsonl or .parquet file)")
+        return cls(
+            f.path, f.format, dict(f.columns), f.verifier, f.eval_path, seed=seed, eval_size=cfg.eval_size
+        )
+
+    def sample(self, n: int) -> list[Task]:
+        tasks = []
+        for _ in range(n):
+            if self._pos == len(self._order):
+                self._epoch, self._pos = self._epoch + 1, 0
+                self._order = self._permutation("train", self._epoch)
+            row = self._train[self._order[self._pos]]
+            tasks.append(self._task(row, f"{row.id}@{self._epoch}"))
+            self._pos += 1
+        return tasks
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        if n > len(self._eval):
+            raise ValueError(f"asked for {n} held-out tasks but the held-out set has {len(self._eval)}")
+        return [self._task(row, row.id) for row in self._eval[:n]]
+
+    def corpus(self, n_docs: int) -> Iterator[str]:
+        epoch, order = 0, self._permutation("corpus", 0)
+        for i in range(n_docs):
+            if i and i % len(order) == 0:
+                epoch += 1
+                order = self._permutation("corpus", epoch)
+            row = self._train[order[i % len(order)]]
+            yield prompt_text(row.prompt) + (row.response or "")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self._epoch, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}"
+            )
+        self._epoch, self._pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation("train", self._epoch)
+
+    def _permutation(self, stream: str, epoch: int) -> list[int]:
+        order = list(range(len(self._train)))
+        random.Random(f"file:{stream}:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def _task(self, row: Row, task_id: str) -> Task:
+        return Task(
+            id=task_id,
+            prompt=row.prompt,
+            reference=row.reference,
+            verifier=self.verifier,
+            meta={"response": row.response, "source": row.where},
+        )
+
+
+def _format(path: Path, file_format: str) -> str:
+    if file_format in ("jsonl", "parquet"):
+        return file_format
+    if file_format != "auto":
+        raise ValueError(f"task.file.format={file_format!r}: expected 'jsonl', 'parquet' or 'auto'")
+    by_suffix = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+    if path.suffix.lower() not in by_suffix:
+        raise ValueError(
+            f"{path}: cannot tell the format from the extension; set task.file.format to jsonl or parquet"
+        )
+    return by_suffix[path.suffix.lower()]
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for line, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise TaskFileError(
+                    f"{path}:{line}: invalid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise TaskFileError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+            yield line, record
+
+
+def _parquet_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise TaskFileError(f"{path}: not a readable Parquet file ({err})") from None
+    for field_name, column in columns.items():
+        if column and column not in table.column_names:
+            raise TaskFileError(
+                f"{path}: column {column!r} (task field {field_name!r}) is missing (expected "
+                f"{_EXPECTED[field_name]}); columns are {table.column_names}"
+            )
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _row(record: dict[str, Any], columns: dict[str, str], where: str) -> Row:
+    def get(field_name: str) -> Any:
+        column = columns[field_name]
+        if column not in record:
+            raise TaskFileError(f"{where}: field {column!r} is missing (expected {_EXPECTED[field_name]})")
+        value = record[column]
+        if value is None:
+            raise TaskFileError(f"{where}: field {column!r} is null (expected {_EXPECTED[field_name]})")
+        return value
+
+    def wrong(field_name: str, value: Any) -> TaskFileError:
+        return TaskFileError(
+            f"{where}: field {columns[field_name]!r} is {type(value).__name__} {_short(value)} "
+            f"(expected {_EXPECTED[field_name]})"
+        )
+
+    prompt = get("prompt")
+    if not _is_prompt(prompt):
+        raise wrong("prompt", prompt)
+    reference = get("reference")
+    if isinstance(reference, int) and not isinstance(reference, bool):
+        reference = str(reference)  # integer answers are common in math sets; the verifier reads text
+    elif not isinstance(reference, (str, dict)):  # dict: the unit tests of a `unit_tests` task
+        raise wrong("reference", reference)
+    response = None
+    if columns["response"]:
+        response = get("response")
+        if not isinstance(response, str):
+            raise wrong("response", response)
+    row_id = where
+    if columns["id"]:
+        row_id = get("id")
+        if isinstance(row_id, int) and not isinstance(row_id, bool):
+            row_id = str(row_id)
+        if not isinstance(row_id, str):
+            raise wrong("id", row_id)
+    return Row(id=row_id, prompt=prompt, reference=reference, response=response, where=where)
+
+
+def _is_prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,54 @@
+"""`LearnerActor`: one learner rank as a Ray actor, a thin shell around `LearnerWorker`.
+
+All logic lives in `learner.worker` so tests can run it without Ray; this file only forwards calls.
+The actor's environment (DS_ACCELERATOR, TORCH_EXTENSIONS_DIR, ...) comes from the job's
+runtime_env, which `engine.ray_cluster.init_ray` sets to `worker_env()`.
+"""
+
+from __future__ import annotations
+
+import ray
+from torch import Tensor
+
+from learner.config import LearnerConfig
+
+
+@ray.remote(num_cpus=1)
+class LearnerActor:
+    """Rank `rank` of a `LearnerGroup`."""
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_dir: str,
+        rank: int,
+        world_size: int,
+        total_steps: int,
+        master_port: int,
+    ) -> None:
+        # Imported here so that the driver process never imports DeepSpeed just to create actors.
+        from learner.worker import LearnerWorker
+
+        self.worker = LearnerWorker(cfg, model_dir, rank, world_size, total_steps, master_port)
+
+    def ready(self) -> bool:
+        """Returns once the constructor (process group, model, DeepSpeed engine) has finished."""
+        return True
+
+    def train_step(self, batch: dict[str, Tensor], num_tokens: int) -> dict[str, float]:
+        return self.worker.train_step(batch, num_tokens)
+
+    def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.worker.logprobs(batch)
+
+    def state_dict_for_rollout(self) -> dict[str, Tensor]:
+        return self.worker.state_dict_for_rollout()
+
+    def save(self, directory: str) -> None:
+        self.worker.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.worker.load(directory)
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,33 @@
+"""Pure tensor functions for the learner: log-probabilities, losses, advantages, KL, aggregation.
+
+Every table is a plain dict literal (no registration decorators), so every process that imports
+this module sees the same entries; a config picks an entry by name.
+
+- `LOSSES`: the supervised losses the learner runs today, `fn(logprobs, loss_mask, num_tokens)
+  -> (loss, metrics)`.
+- `POLICY_LOSSES`: the RL policy losses (`ppo_clip`, `gspo`), `fn(logprobs, old_logprobs,
+  advantages, loss_mask, *, ...) -> (loss, metrics)`; the learner's RL call path (the RL-loop issue)
+  passes the global `num_tokens` / `num_seqs` they normalise by.
+- `ADVANTAGES` (`grpo`, `dr_grpo`, `rloo`), `AGGREGATIONS`, `KL_ESTIMATORS` (`k1`, `k2`, `k3`).
+"""
+
+from learner.algos.advantages import (
+    ADVANTAGES,
+    dr_grpo_advantages,
+    group_advantages,
+    rloo_advantages,
+    token_advantages,
+)
+from learner.algos.aggregation import AGGREGATIONS, aggregate
+from learner.algos.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
+from learner.algos.policy import POLICY_LOSSES, entropy_from_logits, gspo_loss, ppo_clip_loss, token_entropy
+from learner.algos.sft import nll_loss, token_logprobs
+
+LOSSES = {"nll": nll_loss}
+
+__all__ = [
+    "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "LOSSES", "POLICY_LOSSES", "aggregate",
+    "dr_grpo_advantages", "entropy_from_logits", "group_advantages", "gspo_loss", "kl_k1", "kl_k2",
+    "kl_k3", "nll_loss", "ppo_clip_loss", "rloo_advantages", "token_advantages", "token_entropy",
+    "token_logprobs",
+]

@@ -1,0 +1,140 @@
+"""`LearnerGroup`: W `LearnerActor`s forming one torch.distributed / DeepSpeed data-parallel group.
+
+The driver-facing learner. It owns the two things no single rank can know: how the global batch is
+split (contiguous row shards, one per rank, which partition the rows) and the global loss-token
+count every rank must normalise by. Metrics come back per rank and are combined here: the loss
+metrics are each rank's share of the global sums (already divided by the global token count), so
+they add; the optimizer's own numbers (grad norm, lr, step) are identical on every rank.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor
+
+from learner.actor import LearnerActor
+from learner.config import LearnerConfig, validate
+
+# Tensors a training batch must hold (the same tuple as `learner.worker.BATCH_KEYS`, repeated so that
+# the driver does not import DeepSpeed).
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+# Metrics every rank reports identically; taken from rank 0 instead of summed.
+SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step")
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 for the group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def shard_rows(batch: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
+    """Split every tensor into `world_size` contiguous, equal row shards (rank r gets shard r).
+
+    Shards are copies: a pickled view would ship its whole base tensor to every actor.
+    """
+    return [{k: v.chunk(world_size)[r].clone() for k, v in batch.items()} for r in range(world_size)]
+
+
+def check_rows(rows: int, world_size: int, micro_batch_size: int) -> None:
+    """A training batch must split into equal per-rank shards of whole micro-batches."""
+    per_step = world_size * micro_batch_size
+    if rows == 0 or rows % per_step != 0:
+        raise ValueError(
+            f"LearnerGroup.train_step: the batch has {rows} rows; it must be a positive multiple of "
+            f"learner world_size ({world_size}) x LearnerConfig.micro_batch_size ({micro_batch_size}) "
+            f"= {per_step}"
+        )
+
+
+def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Sum the per-rank shares; keep rank 0's optimizer numbers; recompute throughput."""
+    out: dict[str, float] = {}
+    for key in per_rank[0]:
+        if key in SAME_ON_EVERY_RANK:
+            out[key] = per_rank[0][key]
+        elif not key.startswith("perf/"):
+            out[key] = sum(m[key] for m in per_rank)
+    step_s = max(m["perf/learner_step_s"] for m in per_rank)
+    out["perf/learner_step_s"] = step_s
+    out["perf/learner_tokens_per_s"] = out["learner/seq_tokens"] / step_s
+    return out
+
+
+class LearnerGroup:
+    """W learner ranks driven as one: `train_step`, `logprobs`, weights, checkpoints."""
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        model_dir: str,
+        world_size: int,
+        total_steps: int,
+        actor_options: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """`actor_options[r]` is passed to `LearnerActor.options(...)` for rank r (placement-group
+        scheduling strategy, num_gpus, resources, ...)."""
+        validate(cfg, world_size)
+        if actor_options is not None and len(actor_options) != world_size:
+            raise ValueError(
+                f"LearnerGroup: actor_options has {len(actor_options)} entries, expected {world_size}"
+            )
+        self.cfg = cfg
+        self.world_size = world_size
+        port = free_port()
+        options = actor_options or [{} for _ in range(world_size)]
+        self.actors = [
+            LearnerActor.options(**options[rank]).remote(  # type: ignore[attr-defined]
+                cfg, model_dir, rank, world_size, total_steps, port
+            )
+            for rank in range(world_size)
+        ]
+        ray.get([actor.ready.remote() for actor in self.actors])
+
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One optimizer step on the global `batch` (rows a multiple of world_size x micro_batch_size)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"LearnerGroup.train_step: batch lacks {missing}; expected {list(BATCH_KEYS)}")
+        check_rows(batch["input_ids"].shape[0], self.world_size, self.cfg.micro_batch_size)
+        num_tokens = int(batch["loss_mask"].sum())
+        if num_tokens == 0:
+            raise ValueError("LearnerGroup.train_step: loss_mask selects no tokens in the whole batch")
+        shards = shard_rows({k: batch[k] for k in BATCH_KEYS}, self.world_size)
+        refs = [actor.train_step.remote(shard, num_tokens) for actor, shard in zip(self.actors, shards)]
+        return combine_metrics(ray.get(refs))
+
+    def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-token log-probabilities (B, T) under the current weights; any number of rows."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        rows = input_ids.shape[0]
+        pad = -rows % self.world_size
+        if pad:  # equal shards keep ZeRO-3's collective forwards in step on every rank
+            input_ids = torch.cat([input_ids, input_ids[-1:].expand(pad, -1)])
+            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(pad, -1)])
+        shards = shard_rows({"input_ids": input_ids, "attention_mask": attention_mask}, self.world_size)
+        parts = ray.get([actor.logprobs.remote(shard) for actor, shard in zip(self.actors, shards)])
+        return torch.cat(parts)[:rows]
+
+    def state_dict_for_rollout(self) -> dict[str, Tensor]:
+        """Full weights (HF names, CPU tensors), gathered from every rank and returned by rank 0."""
+        return ray.get([actor.state_dict_for_rollout.remote() for actor in self.actors])[0]
+
+    def save(self, directory: str) -> None:
+        """DeepSpeed checkpoint in `directory/deepspeed`, HF export in `directory/hf`."""
+        ray.get([actor.save.remote(directory) for actor in self.actors])
+
+    def load(self, directory: str) -> None:
+        """Restore every rank from `save(directory)` (the same world_size and ZeRO stage)."""
+        ray.get([actor.load.remote(directory) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        """Kill the actors (their processes, and with them the process group)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

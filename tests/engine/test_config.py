@@ -1,0 +1,82 @@
+"""Config composition: defaults from the dataclasses, YAML choices, overrides, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
+from learner.config import LearnerConfig
+
+
+def test_defaults_come_from_the_dataclasses() -> None:
+    cfg = compose_config([])
+    assert isinstance(cfg, AssayConfig)
+    assert cfg.learner == LearnerConfig(loss="nll")
+    assert cfg.model.path is None and cfg.cluster.address is None
+
+
+def test_experiment_and_overrides_compose() -> None:
+    cfg = compose_config(["experiment=arith_tiny", "learner.lr=1e-3", "cluster.learners=2", "stage=sft"])
+    assert cfg.name == "arith_tiny"
+    assert cfg.learner.lr == pytest.approx(1e-3)
+    assert cfg.cluster.learners == 2
+    assert cfg.stage == "sft"
+    assert cfg.task.arithmetic.digits == 2  # arith_tiny: 2-digit addition
+
+
+def test_group_choice_sets_fields() -> None:
+    assert compose_config(["cluster=ray"]).cluster.address == "auto"
+    assert compose_config(["model=local", "model.path=/models/x"]).model.path == "/models/x"
+
+
+def test_misspelled_key_names_key_and_suggests() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(["learner.lrr=1e-3"])
+    message = str(err.value)
+    assert "lrr" in message and "learner.lr" in message
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(["stepz=3"])
+    assert "stepz" in str(err.value) and "steps" in str(err.value)
+
+
+def test_wrong_type_names_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(["learner.zero_stage=abc"])
+    assert "zero_stage" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stage=rl2", "stage='rl2' is not allowed; expected one of pretrain, sft"),
+        ("learner.zero_stage=5", "zero_stage"),
+        ("learner.precision=fp8", "fp32"),
+        ("steps=0", "steps=0 is not allowed; expected a positive integer"),
+        ("cluster.placement=spread", "colocated, split"),
+    ],
+)
+def test_invalid_values_name_what_is_allowed(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert expected in str(err.value)
+
+
+def test_unknown_group_option_lists_options() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(["experiment=nope"])
+    assert "arith_tiny" in str(err.value)
+
+
+def test_batch_must_split_over_learners() -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config(["learner.batch_size=6", "learner.micro_batch_size=4", "cluster.learners=2"])
+    assert "batch_size" in str(err.value) and "micro_batch_size" in str(err.value)
+
+
+def test_yaml_round_trip_names_every_part() -> None:
+    text = to_yaml(compose_config(["experiment=arith_tiny"]))
+    for part in ("model:", "task:", "learner:", "verifier:", "cluster:", "name: arith_tiny"):
+        assert part in text

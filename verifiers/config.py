@@ -1,0 +1,36 @@
+"""`VerifierConfig`: the `verifier:` group of the Hydra config, the one place its defaults live.
+
+Plain types only (OmegaConf structured config); the engine converts it to this frozen dataclass at
+the entry point and builds either a `VerifierPool` (local processes) or, when `endpoint` is set, a
+`RemoteVerifierPool` (a gRPC verifier service started with `assay serve-verifiers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    workers: int = 2
+    """Process workers in the local pool (each builds its verifiers once and reuses them)."""
+
+    timeout_s: float = 10.0
+    """Hard wall-clock limit per verification; past it the worker is killed and the verdict is
+    `Verdict(0.0, "timeout")`."""
+
+    endpoint: str | None = None
+    """`HOST:PORT` of a gRPC verifier service; when set, scoring goes there instead of a local pool."""
+
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Constructor options per verifier name, e.g. `{"unit_tests": {"memory_mb": 1024}}`."""
+
+    max_tasks_per_worker: int = 0
+    """Replace a worker after this many verifications (bounds slow leaks); 0 = never."""
+
+    build_timeout_s: float = 120.0
+    """Limit on building one verifier in one worker (imports, warm-up); not counted in `timeout_s`."""
+
+    call_timeout_s: float | None = None
+    """Deadline of one batched gRPC call; None = `timeout_s * items + 30` (the serial worst case)."""
