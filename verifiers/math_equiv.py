@@ -10,9 +10,13 @@ Rules (see `math_normalize` for the string rules and the percent policy):
   tolerance of `REL_TOL` applies only when either side contains a decimal literal — never an
   absolute tolerance, never rounding both sides to a few digits;
 - exact constants (`\\sqrt{8}` vs `2\\sqrt2`) compare at 50 significant digits: equal when they agree
-  to `EXACT_REL_TOL`; expressions with variables compare at seeded random rational points (exact
-  arithmetic where the expression is rational, 50-digit floats elsewhere), then `simplify(a - b) == 0`
-  when no point was usable;
+  to `EXACT_REL_TOL`; expressions with variables compare at four seeded random rational points,
+  one in each of (0.1, 1), (1, 3), (3, 10), (-3, -0.1) (exact arithmetic for rational functions,
+  50-digit floats elsewhere), and equal needs at least two usable points; `simplify(a - b) == 0`
+  (on small expressions only) decides when fewer were usable. Where the spec says "simplify backed by
+  random points" we invert the order for speed: the points decide, simplify is the fallback;
+- values too large to evaluate (power towers, roots of huge numbers) compare structurally:
+  `10^{10^{10}}` equals `10^{10000000000}` but not `10^{10^{11}}`;
 - tuples `(a, b)` compare in order, sets `\\{a, b\\}` and bare lists `a, b` as sets, intervals with
   their open/closed ends (a union of intervals as a set of reals), matrices by shape and entries;
 - an equation compares with an equation when one side minus the other is a nonzero constant
@@ -22,6 +26,8 @@ Rules (see `math_normalize` for the string rules and the percent policy):
   `(2, \\infty)`); a gold interval does NOT accept an inequality (the question asked for interval
   notation);
 - `\\pm` expands to both signs when the gold has it; for a gold without it, it is hedging (False);
+- a bare list read against a tuple is read in order (`3, -1` for `(3, -1)`); a matrix answer must be
+  a matrix (`(1, 2)` is not `\\begin{pmatrix}1\\\\2\\end{pmatrix}`);
 - text answers compare case-insensitively, ignoring spaces and parentheses.
 """
 
@@ -34,19 +40,8 @@ from dataclasses import dataclass
 import sympy
 
 from verifiers.math_normalize import normalize, screen, text_key
-from verifiers.math_parse import (
-    PM,
-    Bare,
-    Matrix,
-    ParseError,
-    Rel,
-    Seq,
-    SetOf,
-    SetUnion,
-    TooLargeError,
-    Value,
-    parse,
-)
+from verifiers.math_parse import ParseError, TooLargeError, parse
+from verifiers.math_values import PM, Bare, Matrix, Rel, Seq, SetOf, SetUnion, Value
 
 REL_TOL = 1e-6
 """Relative tolerance, used only when a decimal literal appears in the gold or the answer."""

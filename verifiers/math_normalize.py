@@ -12,7 +12,8 @@ What is removed or rewritten:
 - `\\dfrac` / `\\tfrac` -> `\\frac`; thousands separators (`1,000`, `1{,}000`, `1\\,000`);
 - degrees (`^\\circ`, `^{\\circ}`, `°`, `\\degree`, the word "degrees"): dropped, never converted
   to radians; `\\$` and `$`; a trailing full stop; a short list of unit words after a number;
-- a leading `x \\in` before an interval; the words "or" / "and" between answers become commas.
+- a leading `x \\in` before an interval; the words "or" / "and" between answers become commas;
+- Unicode math (`−` `×` `·` `÷` `π` `∞` `√` `≤` `≥` `≠`) becomes the LaTeX command.
 
 Percent policy (ONE rule, used by `math_equiv`): a `%` (or `\\%`, or the word "percent") on
 either side is removed here and remembered as a flag. When at least one side carried a percent

@@ -10,13 +10,16 @@ and `pmatrix`-style matrices — in both LaTeX and plain-text spelling (`sqrt(2)
 Safety: no `eval`, and every number that sympy would compute eagerly is bounded before it is
 built: a power with a numeric base and exponent may have at most `MAX_DIGITS` digits (this also
 stops power towers like `10^{10^{10}}`), a symbolic power at most `MAX_SYMBOLIC_EXPONENT`, a
-factorial or binomial argument at most `MAX_FACTORIAL`. Breaking a bound raises `ParseError`
+factorial or binomial argument at most `MAX_FACTORIAL`, a number under a fractional power at most
+`MAX_ROOT_DIGITS` digits (sympy would try to factor it); `|x|` of a complex or large argument
+and binomials of non-integers stay unevaluated. Breaking a bound raises `ParseError`
 with a reason; the caller turns that into a rejected answer. Nothing here uses signals or threads.
 
 Conventions where LaTeX is ambiguous: `e` is Euler's number and `i` the imaginary unit; `\\log`
 is the natural log (`\\log_b` takes a base); `\\sin^{-1}` is `asin`; a bare superscript takes a
 whole number (`2^10` is 1024, the plain-text reading) while `\\frac12` and `\\sqrt3` take one digit,
-as TeX does. `\\pm` becomes `+ PM*`, with `PM` a reserved symbol that `math_equiv` expands to both
+as TeX does; `2\\frac{1}{2}` (an integer literal, then a fraction of two integer literals) is the
+mixed number 5/2. `\\pm` becomes `+ PM*`, with `PM` a reserved symbol that `math_equiv` expands to both
 signs (or treats as hedging when the gold is a single value).
 """
 
@@ -24,19 +27,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import TypeAlias
 
 import sympy
+
+from verifiers.math_values import PM, Bare, BigPow, Matrix, Parsed, Rel, Seq, SetOf, SetUnion, Value
 
 MAX_DIGITS = 10_000
 MAX_SYMBOLIC_EXPONENT = 1000
 MAX_FACTORIAL = 5000
 MAX_ROOT_DIGITS = 60
 """Largest numerator/denominator (in digits) under a fractional power: sympy factors such numbers."""
-
-PM = sympy.Symbol("PM__")
-"""Stands for the sign of `\\pm`: `a \\pm b` parses as `a + PM*b`."""
 
 
 class ParseError(ValueError):
@@ -45,66 +45,6 @@ class ParseError(ValueError):
 
 class TooLargeError(ParseError):
     """A power too large to compute; `parse(..., big=True)` keeps it as an opaque `BigPow`."""
-
-
-BigPow = sympy.Function("BigPow")
-"""An unevaluated `base ** exp`, too large to compute: compared only structurally."""
-
-
-@dataclass(frozen=True)
-class Rel:
-    """A chain of relations: `exprs[0] ops[0] exprs[1] ops[1] ...`; ops in `= != < > <= >=`."""
-
-    exprs: tuple[sympy.Expr, ...]
-    ops: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Seq:
-    """A bracketed list of two or more items: a tuple `(a, b)` or an interval `[a, b)`."""
-
-    open: str
-    items: tuple[object, ...]
-    close: str
-
-
-@dataclass(frozen=True)
-class SetOf:
-    """A set written with braces: `\\{1, 2\\}`."""
-
-    items: tuple[object, ...]
-
-
-@dataclass(frozen=True)
-class Bare:
-    """A top-level comma list without brackets: `1, 2` (compared as a set)."""
-
-    items: tuple[object, ...]
-
-
-@dataclass(frozen=True)
-class SetUnion:
-    """Intervals or sets joined by `\\cup`."""
-
-    parts: tuple[object, ...]
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """A `pmatrix` / `bmatrix` / `matrix` environment, row by row."""
-
-    rows: tuple[tuple[object, ...], ...]
-
-
-Value: TypeAlias = "sympy.Expr | Rel | Seq | SetOf | Bare | SetUnion | Matrix"
-
-
-@dataclass(frozen=True)
-class Parsed:
-    """The parsed value and whether a decimal literal appeared (which allows a tolerance)."""
-
-    value: Value
-    has_decimal: bool
 
 
 _FUNCS = {

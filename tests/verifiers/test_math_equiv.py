@@ -16,7 +16,8 @@ from verifiers.math_equiv import (
     scalar_equal,
     sets_equal,
 )
-from verifiers.math_parse import Rel, Seq, parse
+from verifiers.math_parse import parse
+from verifiers.math_values import Rel, Seq
 
 x = sympy.Symbol("x")
 

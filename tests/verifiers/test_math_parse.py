@@ -5,21 +5,8 @@ from __future__ import annotations
 import pytest
 import sympy
 
-from verifiers.math_parse import (
-    PM,
-    Bare,
-    BigPow,
-    Matrix,
-    ParseError,
-    Rel,
-    Seq,
-    SetOf,
-    SetUnion,
-    TooLargeError,
-    parse,
-    safe_pow,
-    tokenize,
-)
+from verifiers.math_parse import ParseError, TooLargeError, parse, safe_pow, tokenize
+from verifiers.math_values import PM, Bare, BigPow, Matrix, Rel, Seq, SetOf, SetUnion
 
 x, y, a, b = sympy.symbols("x y a b")
 
