@@ -23,7 +23,7 @@ import torch
 
 from engine import checkpoint
 from engine.config import AssayConfig, to_yaml
-from engine.data import pack_pretrain, sft_batch
+from engine.data import encode_response, pack_pretrain, sft_batch
 from engine.evaluate import greedy_accuracy
 from engine.metrics import MetricsSink
 from engine.models import prepare_model_dir
@@ -97,11 +97,15 @@ def run_stage(cfg: AssayConfig) -> StageResult:
 
 def pretrain_batch(source: TaskSource, tokenizer: Any, cfg: AssayConfig) -> dict[str, torch.Tensor]:
     """`learner.batch_size` packed rows of `seq_len` tokens from whole task documents."""
-    parts: list[dict[str, torch.Tensor]] = []
-    while sum(p["input_ids"].shape[0] for p in parts) < cfg.learner.batch_size:
-        docs = [f"{t.prompt}{t.meta['response']}" for t in source.sample(cfg.learner.batch_size)]
-        parts.append(pack_pretrain(docs, tokenizer, cfg.seq_len))
-    return {k: torch.cat([p[k] for p in parts])[: cfg.learner.batch_size] for k in parts[0]}  # (B, T) each
+    need = cfg.learner.batch_size * cfg.seq_len
+    docs: list[str] = []
+    have = 0
+    while have < need:  # draw documents until they fill the batch (each is followed by one eos)
+        fresh = [f"{t.prompt}{t.meta['response']}" for t in source.sample(cfg.learner.batch_size)]
+        have += sum(len(encode_response(tokenizer, doc)) + 1 for doc in fresh)
+        docs += fresh
+    packed = pack_pretrain(docs, tokenizer, cfg.seq_len)
+    return {k: v[: cfg.learner.batch_size] for k, v in packed.items()}  # (B, T) each
 
 
 def sft_step_batch(source: TaskSource, tokenizer: Any, cfg: AssayConfig) -> dict[str, torch.Tensor]:

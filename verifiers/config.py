@@ -1,7 +1,8 @@
 """`VerifierConfig`: the `verifier:` group of the Hydra config, the one place its defaults live.
 
-Plain types only (OmegaConf structured config); the engine converts it to this frozen dataclass at
-the entry point and builds either a `VerifierPool` (local processes) or, when `endpoint` is set, a
+Plain types only (OmegaConf structured config). Not declared frozen: Hydra's command-line overrides
+need mutable config nodes. The engine converts the composed config to this dataclass at the entry
+point and builds either a `VerifierPool` (local processes) or, when `endpoint` is set, a
 `RemoteVerifierPool` (a gRPC verifier service started with `assay serve-verifiers`).
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass
 class VerifierConfig:
     workers: int = 2
     """Process workers in the local pool (each builds its verifiers once and reuses them)."""

@@ -47,25 +47,25 @@ class MathVerifier:
         if not isinstance(gold, str) or not gold.strip():
             return Verdict(None, f"task {task.id}: reference must be a non-empty answer string, got {gold!r}")
         if not isinstance(response, str):
-            return Verdict(0.0, f"response is a {type(response).__name__}, not text", {"math/extracted": 0.0})
+            return Verdict(0.0, f"response is a {type(response).__name__}, not text", {"verifier/math/extracted": 0.0})
         try:
             return self._verify(response, gold)
         except Exception as exc:  # noqa: BLE001 - a verifier must not crash a worker on model output
-            return Verdict(0.0, f"verifier error: {type(exc).__name__}: {exc}"[:300], {"math/error": 1.0})
+            return Verdict(0.0, f"verifier error: {type(exc).__name__}: {exc}"[:300], {"verifier/math/error": 1.0})
 
     def _verify(self, response: str, gold: str) -> Verdict:
         found = extract_answer(response, self.extract)
         if found.answer is None:
-            return Verdict(0.0, found.reason, {"math/extracted": 0.0})
-        metrics = {"math/extracted": 1.0, "math/hedged": 0.0}
+            return Verdict(0.0, found.reason, {"verifier/math/extracted": 0.0})
+        metrics = {"verifier/math/extracted": 1.0, "verifier/math/hedged": 0.0}
         answer = found.answer
         hedged = len(set(found.boxed)) > 1 and is_single_valued(prepare(gold))
         if hedged and not all(math_equal(answer, other) for other in found.boxed):
-            metrics["math/hedged"] = 1.0
+            metrics["verifier/math/hedged"] = 1.0
             return Verdict(0.0, f"hedged: {len(set(found.boxed))} different boxed answers", metrics)
         result = compare(gold, answer)
         if not result.equal and prepare(gold).error is not None:
             return Verdict(None, result.reason, metrics)
         if result.reason.startswith("hedged"):
-            metrics["math/hedged"] = 1.0
+            metrics["verifier/math/hedged"] = 1.0
         return Verdict(1.0 if result.equal else 0.0, result.reason, metrics)

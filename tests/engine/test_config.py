@@ -24,6 +24,14 @@ def test_experiment_and_overrides_compose() -> None:
     assert cfg.task.arithmetic.digits == 2  # arith_tiny: 2-digit addition
 
 
+def test_every_part_can_be_overridden() -> None:
+    cfg = compose_config(["verifier.workers=4", "verifier.endpoint=127.0.0.1:50051", "model.hidden_size=128",
+                          "task.arithmetic.digits=3", "learner.zero_stage=3", "cluster.num_cpus=2"])
+    assert (cfg.verifier.workers, cfg.verifier.endpoint) == (4, "127.0.0.1:50051")
+    assert (cfg.model.hidden_size, cfg.task.arithmetic.digits) == (128, 3)
+    assert (cfg.learner.zero_stage, cfg.cluster.num_cpus) == (3, 2)
+
+
 def test_group_choice_sets_fields() -> None:
     assert compose_config(["cluster=ray"]).cluster.address == "auto"
     assert compose_config(["model=local", "model.path=/models/x"]).model.path == "/models/x"

@@ -94,18 +94,18 @@ def test_rejects_unknown_options_by_name() -> None:
 def test_correct_answer_metrics() -> None:
     verdict = MathVerifier().verify(r"so \boxed{\frac{6}{8}}", _task(r"\frac{3}{4}"))
     assert verdict.score == 1.0
-    assert verdict.metrics == {"math/extracted": 1.0, "math/hedged": 0.0}
+    assert verdict.metrics == {"verifier/math/extracted": 1.0, "verifier/math/hedged": 0.0}
 
 
 def test_missing_marker_scores_zero_with_reason() -> None:
     verdict = MathVerifier().verify("I think it is 5", _task("5"))
-    assert verdict == Verdict(0.0, "no answer marker", {"math/extracted": 0.0})
+    assert verdict == Verdict(0.0, "no answer marker", {"verifier/math/extracted": 0.0})
 
 
 def test_hedging_is_flagged_in_metrics() -> None:
     verdict = MathVerifier().verify(r"\boxed{4} or maybe \boxed{5}", _task("5"))
     assert verdict.score == 0.0
-    assert verdict.metrics["math/hedged"] == 1.0
+    assert verdict.metrics["verifier/math/hedged"] == 1.0
 
 
 def test_several_boxes_for_a_list_gold_are_not_hedging() -> None:
