@@ -2,7 +2,7 @@
 
 Each part owns its dataclass and the only copy of its defaults (`ModelConfig` in
 `engine.models`, `TaskConfig` in `engine.tasks`, `LearnerConfig` in `learner.config`,
-`VerifierConfig` in `verifiers.config`); this module adds the engine's own (`ClusterConfig`,
+`VerifierConfig` in `verifiers.config`, `RolloutConfig` in `rollout.config`); this module adds the engine's own (`ClusterConfig`,
 `AssayConfig`), registers the schema in Hydra's ConfigStore and turns command-line overrides into
 a validated `AssayConfig`. YAML under `configs/` holds only choices and experiment overrides.
 
@@ -29,6 +29,7 @@ from engine.tasks import TaskConfig
 from learner.algos import LOSSES
 from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
+from rollout.config import RolloutConfig
 from verifiers.config import VerifierConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -44,8 +45,6 @@ class ClusterConfig:
     """`None`: start a local Ray instance bound to 127.0.0.1; `auto` or `HOST:PORT`: join a running cluster."""
     learners: int = 1
     """Number of learner actors (data-parallel DeepSpeed ranks)."""
-    rollout_workers: int = 1
-    """Number of rollout actors (used by the RL stage)."""
     num_cpus: int | None = None
     """CPUs for a local Ray instance (`None`: all of this machine's)."""
     placement: str = "colocated"
@@ -88,6 +87,7 @@ class AssayConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -99,7 +99,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 # Fields that must be positive integers.
 POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
-            "cluster.rollout_workers", "learner.batch_size", "learner.micro_batch_size")
+            "learner.batch_size", "learner.micro_batch_size")
 
 
 def register_configs() -> None:
@@ -115,9 +115,11 @@ def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR) -> Assay
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides, config_dir)) from None
     try:
-        cfg = OmegaConf.to_object(composed)
+        cfg = OmegaConf.to_object(composed)  # runs each dataclass's own __post_init__ checks
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, overrides, config_dir)) from None
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
     assert isinstance(cfg, AssayConfig)
     validate(cfg)
     return cfg

@@ -116,7 +116,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.hidden_size / model.num_heads = {cfg.hidden_size} / {cfg.num_heads} = {head_dim} is not "
             f"a head size vLLM's CPU attention supports {VLLM_CPU_HEAD_SIZES}; change model.hidden_size "
-            f"or model.num_heads (e.g. num_heads={cfg.hidden_size // 32} for head_dim 32)"
+            f"or model.num_heads{_head_hint(cfg.hidden_size)}"
         )
     if cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(
@@ -126,6 +126,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.vocab_size ({cfg.vocab_size}) must exceed 256 (the byte alphabet) + 1 special"
         )
+
+
+def _head_hint(hidden_size: int) -> str:
+    """A suggestion of num_heads that gives a supported head size for this hidden_size, if any."""
+    fits = [(hidden_size // d, d) for d in VLLM_CPU_HEAD_SIZES if hidden_size % d == 0]
+    return f" (e.g. num_heads={fits[0][0]} for head_dim {fits[0][1]})" if fits else ""
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

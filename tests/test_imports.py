@@ -47,3 +47,24 @@ def test_blocking_really_blocks() -> None:
     # The check above must be able to fail: a module that needs torch fails with torch blocked.
     result = _import_blocked(["learner.algos.sft"], ["torch"])
     assert result.returncode != 0 and "import of torch halted" in result.stderr
+
+
+# DESIGN.md §1: engine -> {learner, rollout, verifiers}, learner -> learner.algos, never the reverse.
+FORBIDDEN = {
+    "verifiers": ("engine", "learner", "rollout"),
+    "learner": ("engine", "rollout"),
+    "rollout": ("engine", "learner"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_dependencies_point_one_way(package: str) -> None:
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN[package]]
+    assert not offenders, offenders

@@ -34,6 +34,7 @@ def test_every_part_can_be_overridden() -> None:
 
 def test_group_choice_sets_fields() -> None:
     assert compose_config(["cluster=ray"]).cluster.address == "auto"
+    assert compose_config(["rollout=hf"]).rollout.backend == "hf"
     assert compose_config(["model=local", "model.path=/models/x"]).model.path == "/models/x"
 
 
@@ -64,6 +65,8 @@ def test_wrong_type_names_key() -> None:
         ("learner.precision=fp8", "fp32"),
         ("steps=0", "steps=0 is not allowed; expected a positive integer"),
         ("cluster.placement=spread", "colocated, split"),
+        ("rollout.num_workers=0", "rollout.num_workers must be a positive integer"),
+        ("rollout.backend=sglang", "rollout.backend"),
     ],
 )
 def test_invalid_values_name_what_is_allowed(override: str, expected: str) -> None:
@@ -86,5 +89,5 @@ def test_batch_must_split_over_learners() -> None:
 
 def test_yaml_round_trip_names_every_part() -> None:
     text = to_yaml(compose_config(["experiment=arith_tiny"]))
-    for part in ("model:", "task:", "learner:", "verifier:", "cluster:", "name: arith_tiny"):
+    for part in ("model:", "task:", "learner:", "verifier:", "rollout:", "cluster:", "name: arith_tiny"):
         assert part in text

@@ -202,17 +202,24 @@ INTENDED_DISAGREEMENTS = {
 }
 
 
-def _math_verify_says(case: dict[str, Any]) -> bool:
+def _math_verify_says(case: dict[str, Any]) -> bool | None:
+    """math-verify's answer, or None when it timed out (then it depends on machine load, not rules)."""
     from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
 
     # The gold goes in as LaTeX ($...$) unless the case says plain (the plain-text trap);
     # 1-second timeouts keep the cases that stall math-verify short.
     reference, response = case["reference"], case["response"]
     plain = case.get("gold_format") == "plain" or "$" in reference or "\\boxed" in reference
     gold = reference if plain else f"${reference}$"
-    return bool(
-        verify(parse(gold, parsing_timeout=1), parse(response, parsing_timeout=1), timeout_seconds=1)
-    )
+    try:
+        return bool(verify(parse(gold, parsing_timeout=1, raise_on_error=True),
+                           parse(response, parsing_timeout=1, raise_on_error=True),
+                           timeout_seconds=1, raise_on_error=True))
+    except TimeoutException:
+        return None
+    except Exception:  # noqa: BLE001 - any other error is math-verify's "False", as without raise_on_error
+        return False
 
 
 @pytest.mark.slow
@@ -221,9 +228,11 @@ def test_differential_against_math_verify() -> None:
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     ours = {c["id"]: _score(c).score == 1.0 for c in CASES}
     theirs = {c["id"]: _math_verify_says(c) for c in CASES}
-    disagree = {i for i in ours if ours[i] != theirs[i]}
+    timed_out = {i for i, verdict in theirs.items() if verdict is None}
+    assert len(timed_out) < len(CASES) // 4, f"math-verify timed out on too many cases: {sorted(timed_out)}"
+    disagree = {i for i in ours if i not in timed_out and ours[i] != theirs[i]}
     unlisted = sorted(disagree - set(INTENDED_DISAGREEMENTS))
-    stale = sorted(set(INTENDED_DISAGREEMENTS) - disagree)
+    stale = sorted(set(INTENDED_DISAGREEMENTS) - disagree - timed_out)
     assert not unlisted, "new disagreements with math-verify (ours, theirs): " + ", ".join(
         f"{i} ({ours[i]}, {theirs[i]})" for i in unlisted
     )

@@ -1,0 +1,53 @@
+"""`RolloutActor`: one rollout worker as a Ray actor, a thin shell around `RolloutWorker`.
+
+All logic lives in `rollout.worker` (tests run it without Ray); this file forwards calls and fetches
+published weights through the transport named in the handle. An in-process vLLM engine rebinds
+threads and memory and opens a gloo group, which is why every engine gets an actor (a process) of
+its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from rollout.config import RolloutConfig
+from rollout.types import Response, Sampling
+from rollout.weight_sync import WeightHandle, load_published
+from verifiers.base import Task
+
+
+@ray.remote(num_cpus=1)
+class RolloutActor:
+    """Rank `rank` of a `RolloutGroup`."""
+
+    def __init__(self, cfg: RolloutConfig, model_dir: str, rank: int = 0) -> None:
+        from rollout.worker import RolloutWorker  # the driver never imports transformers/vLLM for this
+
+        self.rank = rank
+        self.worker = RolloutWorker(cfg, model_dir)
+
+    def ready(self) -> float:
+        """Returns, once the backend is up, the seconds its start-up took."""
+        return self.worker.startup_s
+
+    def generate(self, tasks: list[Task], n: int, sampling: Sampling) -> list[Response]:
+        return self.worker.generate(tasks, n, sampling)
+
+    def update_weights(self, handle: WeightHandle) -> dict[str, float]:
+        """Fetch the published weights (version and checksum verified), load them in place."""
+        start = time.perf_counter()
+        state = load_published(handle)
+        fetch_s = time.perf_counter() - start
+        load_s = self.worker.load_weights(state, handle.version)
+        return {"rollout/weight_fetch_s": fetch_s, "rollout/weight_load_s": load_s}
+
+    def version(self) -> int:
+        return self.worker.version
+
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.worker.join_broadcast(host, port, rank, world_size)
+
+    def receive_broadcast(self, version: int) -> dict[str, float]:
+        return {"rollout/weight_load_s": self.worker.receive_broadcast(version)}

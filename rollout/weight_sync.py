@@ -1,0 +1,237 @@
+"""Weight transports from the learner to the rollout workers (DESIGN.md §5), behind one protocol.
+
+`publish(state, version) -> WeightHandle` runs where the learner's full state dict is (the driver,
+holding `LearnerGroup.state_dict_for_rollout()`); `load(handle) -> state` runs in each rollout
+worker. A handle is small and picklable: it carries the version, a checksum of the whole state and
+where the tensors are, so a Ray call can hand it to every actor.
+
+- `shm`: safetensors bucket files in a per-run directory under `/dev/shm` (same node), one
+  directory per version written under a temporary name and renamed into place, so a reader never
+  sees half a version; the newest `keep` versions are kept.
+- `ray`: buckets in the Ray object store (any node); the publisher holds the refs of the newest
+  `keep` versions so they outlive the call that hands them out.
+- `nccl`: a broadcast from the publisher to every worker over one process group (NCCL on GPUs,
+  gloo on CPUs); it needs a rendezvous, so it lives in `rollout.broadcast` and `RolloutGroup`.
+
+Departure from DESIGN.md §5's `load(version)`: `load` takes the handle, because the `ray` transport
+can only find its objects through the refs in it; the handle's version is what `load` verifies.
+
+The checksum is CRC-32 chained over every tensor's name, dtype, shape and bytes (in name order):
+it catches a corrupted or mixed-up bucket, not a deliberate forgery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rollout.config import RolloutConfig
+
+MANIFEST = "manifest.json"
+
+
+class WeightSyncError(RuntimeError):
+    """Published weights that cannot be loaded as the version they claim to be."""
+
+
+@dataclass(frozen=True)
+class WeightHandle:
+    """Where published weights are and what they must verify as."""
+
+    transport: str
+    version: int
+    checksum: str
+    location: Any = None
+    """`shm`: the version's directory (str); `ray`: the list of bucket ObjectRefs."""
+    num_tensors: int = 0
+    num_bytes: int = 0
+
+
+class WeightSync(Protocol):
+    """One transport: `publish` on the learner side, `load` in every rollout worker."""
+
+    def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle: ...
+
+    def load(self, handle: WeightHandle) -> dict[str, Tensor]: ...
+
+    def close(self) -> None:
+        """Free what this publisher still holds (files, pinned objects)."""
+        ...
+
+
+def make_weight_sync(cfg: RolloutConfig) -> WeightSync:
+    """The transport named by `cfg.weight_sync`."""
+    bucket_bytes = cfg.bucket_mb * 2**20
+    if cfg.weight_sync == "shm":
+        return ShmWeightSync(cfg.shm_dir, bucket_bytes)
+    if cfg.weight_sync == "ray":
+        return RayWeightSync(bucket_bytes)
+    raise ValueError(
+        f"rollout.weight_sync={cfg.weight_sync!r} needs a rendezvous of the publisher and every worker: "
+        "RolloutGroup sets it up (rollout.broadcast.BroadcastPublisher / BroadcastReceiver)"
+    )
+
+
+def load_published(handle: WeightHandle) -> dict[str, Tensor]:
+    """Load (and verify) published weights with the transport that published them."""
+    if handle.transport == "shm":
+        return ShmWeightSync().load(handle)
+    if handle.transport == "ray":
+        return RayWeightSync().load(handle)
+    raise WeightSyncError(f"weight version {handle.version}: unknown transport {handle.transport!r}")
+
+
+def state_checksum(state: dict[str, Tensor]) -> str:
+    """CRC-32 (8 hex digits) over each tensor's name, dtype, shape and bytes, in name order."""
+    crc = 0
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        crc = zlib.crc32(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode(), crc)
+        crc = zlib.crc32(tensor.view(-1).view(torch.uint8).numpy().data, crc)
+    return f"{crc:08x}"
+
+
+def bucket_names(state: dict[str, Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Names grouped in state order into buckets of at most `bucket_bytes` (a bigger tensor alone)."""
+    buckets: list[list[str]] = []
+    size = bucket_bytes
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(name)
+        size += nbytes
+    return buckets
+
+
+def verify(handle: WeightHandle, state: dict[str, Tensor], claimed_version: int, where: str) -> None:
+    """Raise `WeightSyncError` unless `state` (read from `where`) is the handle's version and checksum."""
+    if claimed_version != handle.version:
+        raise WeightSyncError(
+            f"{where} holds weight version {claimed_version}, but version {handle.version} was requested"
+        )
+    got = state_checksum(state)
+    if got != handle.checksum:
+        raise WeightSyncError(
+            f"weight version {handle.version} from {where} fails its checksum: expected {handle.checksum}, "
+            f"got {got} ({len(state)} tensors; a bucket is corrupt or from another publish)"
+        )
+
+
+@dataclass
+class ShmWeightSync:
+    """Safetensors buckets in `shm_dir/assay-weights-<run>/v<version>/` (same node only)."""
+
+    shm_dir: str = "/dev/shm"
+    bucket_bytes: int = 256 * 2**20
+    keep: int = 2
+    run: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.shm_dir) / f"assay-weights-{self.run}"
+
+    def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle:
+        from safetensors.torch import save_file
+
+        final = self.root / f"v{version:08d}"
+        tmp = self.root / f".v{version:08d}.tmp-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(parents=True)
+        checksum = state_checksum(state)
+        files = []
+        for i, names in enumerate(bucket_names(state, self.bucket_bytes)):
+            files.append(f"bucket-{i:04d}.safetensors")
+            tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
+            save_file(tensors, str(tmp / files[-1]), metadata={"version": str(version)})
+        manifest = {"version": version, "checksum": checksum, "buckets": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+        if final.exists():
+            shutil.rmtree(final)  # a republished version replaces the old files whole
+        os.rename(tmp, final)
+        self._prune(version)
+        return WeightHandle("shm", version, checksum, str(final), len(state), _nbytes(state))
+
+    def load(self, handle: WeightHandle) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        directory = Path(handle.location)
+        manifest_file = directory / MANIFEST
+        if not manifest_file.is_file():
+            raise WeightSyncError(
+                f"weight version {handle.version}: {manifest_file} is missing (pruned, or another node's /dev/shm?)"
+            )
+        manifest = json.loads(manifest_file.read_text())
+        state: dict[str, Tensor] = {}
+        for name in manifest["buckets"]:
+            try:
+                state.update(load_file(str(directory / name)))
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise WeightSyncError(
+                    f"weight version {handle.version}: bucket {directory / name} is unreadable ({exc})"
+                ) from exc
+        verify(handle, state, int(manifest["version"]), str(directory))
+        return state
+
+    def close(self) -> None:
+        """Remove every version this publisher wrote."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _prune(self, newest: int) -> None:
+        versions = sorted(p for p in self.root.glob("v*") if p.is_dir())
+        for old in versions[: max(0, len(versions) - self.keep)]:
+            if old.name != f"v{newest:08d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class RayWeightSync:
+    """Buckets in the Ray object store; the publisher pins the newest `keep` versions."""
+
+    bucket_bytes: int = 256 * 2**20
+    keep: int = 2
+    _live: list[list[Any]] = field(default_factory=list, repr=False)
+
+    def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle:
+        import ray
+
+        checksum = state_checksum(state)
+        refs = [
+            ray.put(
+                {"version": version, "tensors": {n: state[n].detach().to("cpu").contiguous() for n in names}}
+            )
+            for names in bucket_names(state, self.bucket_bytes)
+        ]
+        self._live = (self._live + [refs])[-self.keep :]
+        return WeightHandle("ray", version, checksum, refs, len(state), _nbytes(state))
+
+    def load(self, handle: WeightHandle) -> dict[str, Tensor]:
+        import ray
+
+        state: dict[str, Tensor] = {}
+        claimed = set()
+        for bucket in ray.get(list(handle.location)):
+            claimed.add(int(bucket["version"]))
+            state.update(bucket["tensors"])
+        if len(claimed) > 1:
+            raise WeightSyncError(
+                f"weight version {handle.version}: buckets from versions {sorted(claimed)} mixed"
+            )
+        verify(handle, state, claimed.pop() if claimed else handle.version, "the Ray object store")
+        return state
+
+    def close(self) -> None:
+        self._live = []
+
+
+def _nbytes(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

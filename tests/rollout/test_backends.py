@@ -1,0 +1,35 @@
+"""The backends' pure helpers: nucleus sampling and stop-string cutting (hand-checked cases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.backends import _sample_tokens, _stop_cut, make_backend
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # probs 0.5, 0.3, 0.15, 0.05: with top_p 0.7 the nucleus is {0, 1} (0.5 < 0.7 <= 0.8)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    picked = _sample_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}
+    # renormalised inside the nucleus: p(0) = 0.5 / 0.8 = 0.625
+    assert (picked == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
+    # without top-p every token appears
+    everything = _sample_tokens(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert set(everything.tolist()) == {0, 1, 2, 3}
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, 1.0], [3.0, -1.0, 0.0]])
+    assert _sample_tokens(logits, 0.0, 1.0, torch.Generator()).tolist() == [1, 0]
+
+
+def test_stop_cut_uses_the_earliest_stop_string():
+    assert _stop_cut("abc\nAnswer: 7", ["Answer", "\n"]) == "abc"
+    assert _stop_cut("abc", ["x", ""]) is None
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match=r"rollout.backend='tgi'"):
+        make_backend("tgi", "/nowhere", "float32", 128)

@@ -1,0 +1,123 @@
+"""Weight transports: round trips, bucketing, and clear errors for corrupt or mismatched versions.
+(Loading published weights into a serving worker is tested in test_actor.py / test_group.py.)"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.weight_sync import (
+    RayWeightSync,
+    ShmWeightSync,
+    WeightHandle,
+    WeightSyncError,
+    bucket_names,
+    make_weight_sync,
+    state_checksum,
+)
+
+
+def small_state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(4, 4, generator=gen),  # 64 bytes
+        "b.weight": torch.randn(8, generator=gen),  # 32 bytes
+        "c.weight": torch.randn(2, 2, generator=gen).to(torch.bfloat16),  # 8 bytes
+        "d.bias": torch.randn(16, generator=gen),  # 64 bytes
+    }
+
+
+def test_buckets_respect_the_byte_limit():
+    # 64 | 32 + 8 (40 <= 64) | 64: a new bucket whenever the next tensor would pass 64 bytes
+    assert bucket_names(small_state(), 64) == [["a.weight"], ["b.weight", "c.weight"], ["d.bias"]]
+    assert bucket_names(small_state(), 10) == [["a.weight"], ["b.weight"], ["c.weight"], ["d.bias"]]
+    assert bucket_names(small_state(), 2**20) == [["a.weight", "b.weight", "c.weight", "d.bias"]]
+
+
+def test_checksum_sees_values_names_and_dtypes():
+    state = small_state()
+    base = state_checksum(state)
+    assert base == state_checksum(dict(reversed(list(state.items()))))  # order-free
+    # by hand: CRC-32 of one empty-named 0-d float32 zero = crc32(b"|torch.float32|()" + 4 zero bytes)
+    expected = zlib.crc32(b"\0\0\0\0", zlib.crc32(b"|torch.float32|()"))
+    assert state_checksum({"": torch.tensor(0.0)}) == f"{expected:08x}"
+    changed = {**state, "b.weight": state["b.weight"].clone()}
+    changed["b.weight"][3] += 1e-6
+    assert state_checksum(changed) != base
+    assert state_checksum({**state, "a.weight": state["a.weight"].double()}) != base
+    assert state_checksum({("z" if k == "a.weight" else k): v for k, v in state.items()}) != base
+
+
+def test_shm_round_trip_keeps_dtypes_and_prunes_old_versions(tmp_path):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=64, keep=2)
+    handles = [sync.publish(small_state(), v) for v in (1, 2, 3)]
+    loaded = ShmWeightSync(str(tmp_path)).load(handles[-1])  # a reader needs nothing but the handle
+    assert loaded.keys() == small_state().keys()
+    for name, tensor in small_state().items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    assert handles[-1].num_tensors == 4 and handles[-1].num_bytes == 64 + 32 + 8 + 64
+    assert sorted(p.name for p in sync.root.iterdir()) == ["v00000002", "v00000003"]
+    with pytest.raises(WeightSyncError, match=r"version 1: .*manifest.json is missing"):
+        sync.load(handles[0])
+    sync.close()
+    assert not sync.root.exists()
+
+
+def test_shm_corrupt_bucket_fails_its_checksum(tmp_path):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=64)
+    handle = sync.publish(small_state(), 7)
+    bucket = Path(handle.location) / "bucket-0001.safetensors"
+    data = bytearray(bucket.read_bytes())
+    data[-1] ^= 0xFF  # flip the last byte of tensor data
+    bucket.write_bytes(bytes(data))
+    with pytest.raises(WeightSyncError, match=r"weight version 7 from .*v00000007 fails its checksum"):
+        sync.load(handle)
+    bucket.write_bytes(b"garbage")  # a damaged header
+    with pytest.raises(WeightSyncError, match=r"bucket .*bucket-0001.safetensors is unreadable"):
+        sync.load(handle)
+
+
+def test_shm_wrong_version_or_checksum_is_named(tmp_path):
+    sync = ShmWeightSync(str(tmp_path))
+    handle = sync.publish(small_state(), 2)
+    manifest = Path(handle.location) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 1}))
+    with pytest.raises(WeightSyncError, match=r"holds weight version 1, but version 2 was requested"):
+        sync.load(handle)
+    good = sync.publish(small_state(), 3)
+    forged = WeightHandle("shm", 3, "00000000", good.location)
+    with pytest.raises(WeightSyncError, match=r"expected 00000000, got [0-9a-f]{8}"):
+        sync.load(forged)
+
+
+def test_make_weight_sync_picks_the_configured_transport():
+    assert isinstance(make_weight_sync(RolloutConfig(weight_sync="shm")), ShmWeightSync)
+    assert isinstance(make_weight_sync(RolloutConfig(weight_sync="ray", bucket_mb=2)), RayWeightSync)
+    with pytest.raises(ValueError, match=r"rollout.weight_sync='nccl' needs a rendezvous"):
+        make_weight_sync(RolloutConfig(weight_sync="nccl"))
+
+
+@pytest.mark.ray
+def test_ray_round_trip_and_checksum_error(ray_local):
+    sync = RayWeightSync(bucket_bytes=64, keep=1)
+    handle = sync.publish(small_state(), 4)
+    assert len(handle.location) == 3
+
+    @ray_local.remote(num_cpus=0)
+    def load_elsewhere(h: WeightHandle) -> dict[str, torch.Tensor]:
+        return RayWeightSync().load(h)
+
+    loaded = ray_local.get(load_elsewhere.remote(handle))  # another process, through the handle only
+    assert all(torch.equal(loaded[k], v) for k, v in small_state().items())
+    with pytest.raises(
+        WeightSyncError, match=r"weight version 4 from the Ray object store fails its checksum"
+    ):
+        sync.load(WeightHandle("ray", 4, "deadbeef", handle.location))
+    with pytest.raises(WeightSyncError, match=r"holds weight version 4, but version 5 was requested"):
+        sync.load(WeightHandle("ray", 5, handle.checksum, handle.location))
+    sync.close()
