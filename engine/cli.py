@@ -1,7 +1,7 @@
 """`assay`: the command line.
 
     assay train [OVERRIDES...]          one stage (stage=pretrain|sft) of an experiment
-    assay demo  [OVERRIDES...]          the embedded default: pretrain -> SFT on the local CPU, with a report
+    assay demo  [OVERRIDES...]          the embedded default: pretrain -> SFT -> GRPO on the local CPU, with a report
     assay config [OVERRIDES...]         print the resolved configuration
     assay verify --verifier ... --input FILE.jsonl      score responses offline
     assay serve-verifiers --host 127.0.0.1 --port N     serve a verifier pool over gRPC
@@ -14,14 +14,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from engine.config import ConfigError, compose_config, to_yaml
+from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
 from engine.ray_cluster import set_process_env
+
+if TYPE_CHECKING:
+    from engine.runs import StageResult
 
 # The demo's stages: (stage, overrides that make it a good default on a 2-core CPU).
 DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pretrain", ("steps=1000", "learner.lr=3e-3", "learner.warmup_steps=30", "eval_every=250")),
     ("sft", ("steps=200", "learner.lr=3e-4", "learner.warmup_steps=10", "eval_every=50")),
+    ("rl", ("steps=300", "learner.lr=5e-5", "learner.warmup_steps=0", "eval_every=50")),
 )
 
 
@@ -45,9 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _train(args: argparse.Namespace) -> int:
-    from engine.supervised import run_stage
+def run_stage(cfg: AssayConfig) -> StageResult:
+    """Run the stage `cfg.stage` names (a table, not a branch)."""
+    from engine.rl import run_rl
+    from engine.supervised import run_stage as run_supervised
 
+    runners = {"pretrain": run_supervised, "sft": run_supervised, "rl": run_rl}
+    return runners[cfg.stage](cfg)
+
+
+def _train(args: argparse.Namespace) -> int:
     cfg = compose_config(list(args.overrides))
     result = run_stage(cfg)
     print(f"[assay] {cfg.stage} done: {result.steps} steps; export {result.export_dir}")
@@ -57,7 +69,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from engine.report import write_report
-    from engine.supervised import run_stage
 
     user = list(args.overrides)
     if not any(o.startswith("experiment=") for o in user):

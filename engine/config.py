@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from engine.models import ModelConfig
 from engine.tasks import TaskConfig
-from learner.algos import LOSSES
+from learner.algos import ADVANTAGES, LOSSES
 from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
 from rollout.config import RolloutConfig
@@ -52,11 +52,21 @@ class ClusterConfig:
 
 
 @dataclass
+class RLConfig:
+    advantage: str = "grpo"
+    """Key of `learner.algos.ADVANTAGES`: `grpo` (mean/std over the G samples), `dr_grpo` (mean only), `rloo`."""
+    prompts_per_step: int = 16
+    """Prompts P per RL step; each is sampled `rollout.n` (G) times, so a step trains on P×G responses."""
+    verifier_actors: int = 1
+    """Ray actors holding a verifier pool each (`verifier.workers` processes per actor)."""
+
+
+@dataclass
 class AssayConfig:
     name: str = "default"
     """Experiment name; the run writes `runs_dir/<name>/<stage>/`."""
     stage: str = "pretrain"
-    """`pretrain` (NLL on all tokens of packed sequences) or `sft` (NLL on response tokens only)."""
+    """`pretrain` (NLL on all tokens of packed sequences), `sft` (NLL on response tokens only) or `rl`."""
     steps: int = 100
     """Optimizer steps of this stage."""
     seq_len: int = 64
@@ -66,7 +76,8 @@ class AssayConfig:
     corpus_docs: int = 4000
     """Documents of the task corpus used to train the tiny model's tokenizer."""
     init_from_previous_stage: bool = True
-    """SFT with no `model.path`: start from this run's pretrain export (`<name>/pretrain/final/hf`) when it exists."""
+    """With no `model.path`, start from this run's newest earlier-stage export (`<name>/<stage>/final/hf`):
+    SFT from pretrain, RL from SFT (else pretrain)."""
     log_every: int = 1
     """Write metrics every N steps."""
     eval_every: int = 0
@@ -88,18 +99,20 @@ class AssayConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # Closed sets of values; the message of a bad value lists them.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "stage": ("pretrain", "sft"),
+    "stage": ("pretrain", "sft", "rl"),
+    "rl.advantage": tuple(ADVANTAGES),
     "learner.loss": tuple(LOSSES),
     "cluster.placement": ("colocated", "split"),
 }
 # Fields that must be positive integers.
 POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
-            "learner.batch_size", "learner.micro_batch_size")
+            "rl.prompts_per_step", "rl.verifier_actors", "learner.batch_size", "learner.micro_batch_size")
 
 
 def register_configs() -> None:
@@ -135,6 +148,10 @@ def validate(cfg: AssayConfig) -> None:
         value = _lookup(cfg, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is not allowed; expected a positive integer")
+    rl_batch = cfg.rl.prompts_per_step * cfg.rollout.n
+    if cfg.stage == "rl" and rl_batch % cfg.learner.batch_size:
+        raise ConfigError(f"rl.prompts_per_step × rollout.n = {cfg.rl.prompts_per_step} × {cfg.rollout.n} = {rl_batch} "
+                          f"sequences per RL step must be a multiple of learner.batch_size ({cfg.learner.batch_size})")
     try:
         validate_learner(cfg.learner, cfg.cluster.learners)
     except ValueError as err:

@@ -38,6 +38,11 @@ class LearnerActor:
     def train_step(self, batch: dict[str, Tensor], num_tokens: int) -> dict[str, float]:
         return self.worker.train_step(batch, num_tokens)
 
+    def train_rl_step(
+        self, batch: dict[str, Tensor], num_tokens: list[float], num_seqs: list[float]
+    ) -> dict[str, float]:
+        return self.worker.train_rl_step(batch, num_tokens, num_seqs)
+
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)
 

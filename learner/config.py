@@ -2,12 +2,19 @@
 
 Hydra composes `LearnerConfig` from these dataclass defaults plus YAML overrides; the engine converts
 it to this dataclass at the entry point, so nothing downstream reads a default from anywhere else.
-Only OmegaConf-supported field types are used (no unions, tuples of mixed types or callables).
+Only OmegaConf-supported field types are used (`X | None` is the one union; no tuples of mixed types
+or callables).
+
+The RL fields below `loss` are numbers and table keys for `learner.algos.POLICY_LOSSES`; the
+supervised modes ignore them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+
+from learner.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
@@ -64,7 +71,46 @@ class LearnerConfig:
     """Seed of torch's RNG on every learner rank (offset by rank)."""
 
     loss: str = "nll"
-    """Key into `learner.algos.LOSSES`."""
+    """Key into `learner.algos.LOSSES` (supervised modes: pretrain, SFT)."""
+
+    policy_loss: str = "ppo_clip"
+    """RL: key into `learner.algos.POLICY_LOSSES` (`ppo_clip`, `gspo`)."""
+
+    clip_low: float = 0.2
+    """RL: the ratio is clipped below at 1 - clip_low."""
+
+    clip_high: float = 0.2
+    """RL: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher sets it above clip_low)."""
+
+    clip_ratio_c: float | None = None
+    """RL: dual clip; a token with a negative advantage loses at most -clip_ratio_c * A. Must be > 1;
+    None disables it."""
+
+    kl_coef: float = 0.0
+    """RL: weight of the in-loss KL penalty against the frozen reference model (the weights in
+    model_dir). 0 skips the reference model entirely (it is neither built nor run)."""
+
+    kl_estimator: str = "k3"
+    """RL: key into `learner.algos.KL_ESTIMATORS` (`k1`, `k2`, `k3`)."""
+
+    aggregation: str = "token-mean"
+    """RL: key into `learner.algos.AGGREGATIONS`: how per-token losses become the minibatch loss."""
+
+    norm_len: int | None = None
+    """RL: the constant length of `seq-mean-token-sum-norm` (Dr.GRPO; e.g. the rollout's max new
+    tokens). Required by that aggregation, unused by the others."""
+
+    ppo_epochs: int = 1
+    """RL: K, the number of sweeps over one step's batch; each sweep takes one optimizer step per
+    minibatch of `batch_size` sequences, in the same order every epoch."""
+
+    tis_cap: float | None = None
+    """RL: truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
+    tis_cap) using the batch's `rollout_logprobs` (which then become required). None disables it."""
+
+    entropy_metric: bool = True
+    """RL: report `learner/entropy`, the token-mean policy entropy over the response tokens, from the
+    first epoch's training forward passes."""
 
 
 def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -100,4 +146,42 @@ def validate(cfg: LearnerConfig, world_size: int) -> int:
         raise ValueError(f"LearnerConfig.min_lr_ratio: expected a value in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.warmup_steps < 0:
         raise ValueError(f"LearnerConfig.warmup_steps: expected >= 0, got {cfg.warmup_steps}")
+    validate_rl(cfg)
     return gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size)
+
+
+def _check_key(field_name: str, value: str, table: Collection[str], table_name: str) -> None:
+    if value not in table:
+        raise ValueError(
+            f"LearnerConfig.{field_name}: {value!r} is not in learner.algos.{table_name} {sorted(table)}"
+        )
+
+
+def validate_rl(cfg: LearnerConfig) -> None:
+    """Check the RL fields of `cfg` (table keys and number ranges), naming the field on error."""
+    _check_key("policy_loss", cfg.policy_loss, POLICY_LOSSES, "POLICY_LOSSES")
+    _check_key("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS, "KL_ESTIMATORS")
+    _check_key("aggregation", cfg.aggregation, AGGREGATIONS, "AGGREGATIONS")
+    if cfg.clip_low < 0 or cfg.clip_high < 0:
+        raise ValueError(
+            f"LearnerConfig.clip_low / clip_high: expected >= 0, got {cfg.clip_low} / {cfg.clip_high}"
+        )
+    if cfg.clip_ratio_c is not None and cfg.clip_ratio_c <= 1.0:
+        raise ValueError(
+            f"LearnerConfig.clip_ratio_c: expected > 1 (dual clip) or None, got {cfg.clip_ratio_c}"
+        )
+    if cfg.kl_coef < 0:
+        raise ValueError(f"LearnerConfig.kl_coef: expected >= 0, got {cfg.kl_coef}")
+    if cfg.norm_len is not None and cfg.norm_len <= 0:
+        raise ValueError(
+            f"LearnerConfig.norm_len: expected a positive token count or None, got {cfg.norm_len}"
+        )
+    if cfg.aggregation == "seq-mean-token-sum-norm" and cfg.norm_len is None:
+        raise ValueError(
+            "LearnerConfig.norm_len: aggregation 'seq-mean-token-sum-norm' needs a constant norm_len "
+            "(e.g. the rollout's max new tokens), got None"
+        )
+    if cfg.ppo_epochs < 1:
+        raise ValueError(f"LearnerConfig.ppo_epochs: expected >= 1, got {cfg.ppo_epochs}")
+    if cfg.tis_cap is not None and cfg.tis_cap <= 0:
+        raise ValueError(f"LearnerConfig.tis_cap: expected a positive cap or None, got {cfg.tis_cap}")

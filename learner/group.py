@@ -5,6 +5,12 @@ split (contiguous row shards, one per rank, which partition the rows) and the gl
 count every rank must normalise by. Metrics come back per rank and are combined here: the loss
 metrics are each rank's share of the global sums (already divided by the global token count), so
 they add; the optimizer's own numbers (grad norm, lr, step) are identical on every rank.
+
+RL (`train_rl_step`): the global batch of P x G sequences is cut into minibatches of `batch_size`
+consecutive rows (one optimizer step each); rank r gets the r-th contiguous chunk of every
+minibatch, so its rows arrive in minibatch order and one remote call per rank runs the whole step
+(old/ref logprobs and all `ppo_epochs` sweeps) while DeepSpeed's collectives keep the ranks in step.
+The driver computes each minibatch's global `num_tokens` / `num_seqs` before sharding.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from learner.config import LearnerConfig, validate
 # the driver does not import DeepSpeed).
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Metrics every rank reports identically; taken from rank 0 instead of summed.
-SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step")
+SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps")
+# Tensors an RL batch must hold besides BATCH_KEYS; `rollout_logprobs` is optional.
+RL_KEYS = ("advantages",)
 
 
 def free_port() -> int:
@@ -50,6 +58,33 @@ def check_rows(rows: int, world_size: int, micro_batch_size: int) -> None:
             f"learner world_size ({world_size}) x LearnerConfig.micro_batch_size ({micro_batch_size}) "
             f"= {per_step}"
         )
+
+
+def minibatch_normalisers(loss_mask: Tensor, batch_size: int) -> tuple[list[float], list[float]]:
+    """Per minibatch of `batch_size` consecutive rows: (loss-token counts, counts of rows with any
+    loss token), the global normalisers of `learner.algos.aggregate`.
+
+    A count of 0 (a minibatch without loss tokens, whose loss is 0 anyway) is reported as 1, since the
+    aggregation requires positive normalisers.
+    """
+    rows, seq = loss_mask.shape
+    if rows == 0 or rows % batch_size != 0:
+        raise ValueError(
+            f"LearnerGroup.train_rl_step: the RL batch has {rows} rows; it must be a positive multiple of "
+            f"LearnerConfig.batch_size ({batch_size}), the sequences of one minibatch (one optimizer step)"
+        )
+    selected = (loss_mask != 0).view(rows // batch_size, batch_size, seq)  # (M, batch_size, T)
+    num_tokens = selected.sum(dim=(1, 2)).clamp(min=1)  # (M,)
+    num_seqs = selected.any(dim=2).sum(dim=1).clamp(min=1)  # (M,)
+    return [float(n) for n in num_tokens], [float(n) for n in num_seqs]
+
+
+def minibatch_rank_rows(rows: int, batch_size: int, world_size: int) -> list[Tensor]:
+    """Row indices of each rank: the rank's contiguous chunk of every minibatch, minibatch by minibatch."""
+    per_rank = batch_size // world_size
+    starts = torch.arange(0, rows, batch_size)  # (M,) first row of each minibatch
+    offsets = torch.arange(per_rank)  # (per_rank,)
+    return [(starts[:, None] + r * per_rank + offsets[None, :]).reshape(-1) for r in range(world_size)]
 
 
 def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -107,6 +142,27 @@ class LearnerGroup:
             raise ValueError("LearnerGroup.train_step: loss_mask selects no tokens in the whole batch")
         shards = shard_rows({k: batch[k] for k in BATCH_KEYS}, self.world_size)
         refs = [actor.train_step.remote(shard, num_tokens) for actor, shard in zip(self.actors, shards)]
+        return combine_metrics(ray.get(refs))
+
+    def train_rl_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One RL step on the global batch of P x G sequences (`LearnerWorker.train_rl_step` says what
+        happens on each rank and how the metrics are averaged).
+
+        `batch`: `input_ids` (B, T) long, `attention_mask` (B, T), `loss_mask` (B, T) (1 on response
+        tokens), `advantages` (B, T) (0 off the mask), optional `rollout_logprobs` (B, T). B must be a
+        multiple of `batch_size`. Runs `ppo_epochs * B / batch_size` optimizer steps.
+        """
+        required = BATCH_KEYS + RL_KEYS
+        missing = [k for k in required if k not in batch]
+        if missing:
+            raise ValueError(f"LearnerGroup.train_rl_step: batch lacks {missing}; expected {list(required)}")
+        num_tokens, num_seqs = minibatch_normalisers(batch["loss_mask"], self.cfg.batch_size)
+        keys = required + (("rollout_logprobs",) if "rollout_logprobs" in batch else ())
+        index = minibatch_rank_rows(batch["input_ids"].shape[0], self.cfg.batch_size, self.world_size)
+        refs = [
+            actor.train_rl_step.remote({k: batch[k][rows] for k in keys}, num_tokens, num_seqs)
+            for actor, rows in zip(self.actors, index)
+        ]
         return combine_metrics(ray.get(refs))
 
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:

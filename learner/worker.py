@@ -13,6 +13,15 @@ Departures from a stock DeepSpeed training loop, and why:
   of micro_batch_size rows per rank (RL batches vary in size), not only the configured batch_size.
 - Position ids come from the attention mask (`cumsum - 1`), so left-padded rows (rollout prompts)
   get the same positions as the unpadded sequences vLLM scored.
+
+RL (`train_rl_step`): one call is one RL step on this rank's rows of the global batch of P x G
+sequences. It first scores `old_logprobs` (the current weights, no grad) and, only when
+`kl_coef > 0`, `ref_logprobs` from a frozen copy of the starting weights (`learner.reference`); then
+it sweeps the rows `ppo_epochs` times, one optimizer step per minibatch of `batch_size` global
+sequences (`batch_size / world_size` rows here), in the same minibatch order every epoch (no
+shuffle: the rollout order is already random, and a fixed order keeps W ranks and 1 rank identical).
+Every minibatch is normalised by its GLOBAL counts (`num_tokens`, `num_seqs`, passed in by the group),
+so the micro-batch losses of all ranks sum to the minibatch loss, as in supervised mode.
 """
 
 from __future__ import annotations
@@ -36,8 +45,9 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from learner.algos import LOSSES, token_logprobs
+from learner.algos import LOSSES, POLICY_LOSSES, entropy_from_logits, token_logprobs
 from learner.config import LearnerConfig, validate
+from learner.reference import ReferenceModel, position_ids_from_mask
 from learner.schedule import build_scheduler
 
 # Files copied from model_dir into an HF export besides the weights and config.
@@ -76,11 +86,6 @@ def ds_config(cfg: LearnerConfig, grad_accum: int, world_size: int) -> dict[str,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over the real tokens of each row; 0 on left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
 def init_distributed(rank: int, world_size: int, master_port: int) -> None:
@@ -139,6 +144,22 @@ def check_batch(batch: dict[str, Tensor], micro_batch_size: int) -> tuple[Tensor
     return input_ids, attention_mask, loss_mask
 
 
+def check_rl_batch(batch: dict[str, Tensor], tis_cap: float | None) -> None:
+    """`advantages` (and `rollout_logprobs` when given, or required by tis_cap) match input_ids."""
+    shape = batch["input_ids"].shape
+    if "advantages" not in batch:
+        raise ValueError("learner RL batch: missing 'advantages' (B, T), broadcast to the response tokens")
+    if tis_cap is not None and "rollout_logprobs" not in batch:
+        raise ValueError(
+            f"learner RL batch: LearnerConfig.tis_cap = {tis_cap} needs 'rollout_logprobs' (B, T) in the batch"
+        )
+    for key in ("advantages", "rollout_logprobs"):
+        if key in batch and batch[key].shape != shape:
+            raise ValueError(
+                f"learner RL batch: {key} {tuple(batch[key].shape)} must match input_ids {tuple(shape)} (B, T)"
+            )
+
+
 class LearnerWorker:
     """One DeepSpeed rank: train steps, log-probabilities, weight export, checkpoints."""
 
@@ -164,6 +185,13 @@ class LearnerWorker:
         self.engine = _build_engine(cfg, model_dir, total_steps, self.grad_accum, world_size)
         self.device = self.engine.device
         self.step = 0
+        self.policy_loss = POLICY_LOSSES[cfg.policy_loss]
+        # Built only when the KL term needs it; rebuilt from model_dir (never checkpointed) on resume.
+        self.reference = (
+            ReferenceModel(model_dir, _dtype(cfg.precision), self.device, cfg.micro_batch_size)
+            if cfg.kl_coef > 0
+            else None
+        )
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -229,16 +257,179 @@ class LearnerWorker:
             out.append(self._forward_logprobs(input_ids[rows], attention_mask[rows]).cpu())
         return torch.cat(out) if out else torch.zeros(input_ids.shape, dtype=torch.float32)
 
-    def _forward_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        input_ids = input_ids.to(self.device)
+    def _forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         attention_mask = attention_mask.to(self.device)
         out = self.engine(
-            input_ids=input_ids,
+            input_ids=input_ids.to(self.device),
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        return token_logprobs(out.logits, input_ids)  # (b, T)
+        return out.logits  # (b, T, V)
+
+    def _forward_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        logits = self._forward_logits(input_ids, attention_mask)  # (b, T, V)
+        return token_logprobs(logits, input_ids.to(self.device))  # (b, T)
+
+    # ---- RL ---------------------------------------------------------------------------------------
+
+    def train_rl_step(
+        self,
+        batch: dict[str, Tensor],
+        num_tokens: list[float] | None = None,
+        num_seqs: list[float] | None = None,
+    ) -> dict[str, float]:
+        """One RL step: old (and ref) logprobs, then `ppo_epochs` sweeps of minibatch optimizer steps.
+
+        This rank's rows are in minibatch order: minibatch m is rows [m * r, (m + 1) * r) with
+        r = batch_size / world_size. `num_tokens[m]` / `num_seqs[m]` are minibatch m's GLOBAL
+        loss-token and sequence counts (all ranks); with world_size 1 they default to this batch's own.
+
+        Metrics (each rank's share; `LearnerGroup` sums them over ranks): the loss metrics
+        (`learner/loss`, `pg_loss`, `clip_frac`, `approx_kl`, `kl`, ...) are the mean over this call's
+        optimizer steps of each minibatch's global value; `learner/entropy` and
+        `learner/logprob_diff` are token means over the whole batch; `learner/grad_norm` is the mean
+        over optimizer steps; `learner/lr` is the last step's.
+        """
+        cfg = self.cfg
+        input_ids, attention_mask, loss_mask = check_batch(batch, cfg.micro_batch_size)
+        check_rl_batch(batch, cfg.tis_cap)
+        if num_tokens is None or num_seqs is None:
+            if self.world_size != 1:
+                raise ValueError(
+                    "LearnerWorker.train_rl_step: num_tokens and num_seqs are required when world_size > 1"
+                )
+            from learner.group import minibatch_normalisers  # driver-side helper, no Ray call
+
+            num_tokens, num_seqs = minibatch_normalisers(loss_mask, cfg.batch_size)
+        rows_per_minibatch = cfg.batch_size // self.world_size
+        if input_ids.shape[0] != len(num_tokens) * rows_per_minibatch or len(num_seqs) != len(num_tokens):
+            raise ValueError(
+                f"LearnerWorker.train_rl_step: {input_ids.shape[0]} rows on this rank, expected "
+                f"{len(num_tokens)} minibatches x batch_size / world_size ({rows_per_minibatch})"
+            )
+        start = time.perf_counter()
+        tensors = self._rl_inputs(batch)  # old/ref/rollout logprobs, advantages, loss_mask (B, T)
+        whole_batch_tokens = float(sum(num_tokens))
+        totals: dict[str, float] = {}
+        once: dict[str, float] = {
+            "learner/tokens": float(loss_mask.sum()),
+            "learner/seq_tokens": float(attention_mask.sum()),
+        }
+        if "rollout_logprobs" in batch:
+            gap = (tensors["old_logprobs"] - batch["rollout_logprobs"]).abs()  # (B, T)
+            once["learner/logprob_diff"] = (
+                float(torch.where(loss_mask != 0, gap, 0.0).sum()) / whole_batch_tokens
+            )
+        if cfg.entropy_metric:
+            once["learner/entropy"] = 0.0
+        grad_norms: list[float] = []
+        lr = 0.0
+        for epoch in range(cfg.ppo_epochs):
+            for m in range(len(num_tokens)):
+                rows = slice(m * rows_per_minibatch, (m + 1) * rows_per_minibatch)
+                lr = self.engine.get_lr()[0]
+                entropy_norm = whole_batch_tokens if (epoch == 0 and cfg.entropy_metric) else None
+                metrics, grad_norm = self._rl_optimizer_step(
+                    input_ids[rows], attention_mask[rows], {k: v[rows] for k, v in tensors.items()},
+                    num_tokens[m], num_seqs[m], entropy_norm,
+                )  # fmt: skip
+                grad_norms.append(grad_norm)
+                for key, value in metrics.items():
+                    if key == "learner/entropy":
+                        once[key] += value
+                    else:
+                        totals[key] = totals.get(key, 0.0) + value
+        n_steps = cfg.ppo_epochs * len(num_tokens)
+        elapsed = time.perf_counter() - start
+        out = {key: value / n_steps for key, value in totals.items()} | once
+        out |= {
+            "learner/grad_norm": sum(grad_norms) / n_steps,
+            "learner/lr": float(lr),
+            "learner/step": float(self.step),
+            "learner/optimizer_steps": float(n_steps),
+            "perf/learner_step_s": elapsed,
+            "perf/learner_tokens_per_s": once["learner/seq_tokens"] / elapsed,
+        }
+        return out
+
+    def _rl_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The per-token tensors the policy loss reads, on CPU (B, T): `old_logprobs` from the current
+        weights, `ref_logprobs` only with a reference model, `rollout_logprobs` only with tis_cap."""
+        tensors = {
+            "old_logprobs": self.logprobs(batch),
+            "advantages": batch["advantages"].float(),
+            "loss_mask": batch["loss_mask"],
+        }
+        if self.reference is not None:
+            tensors["ref_logprobs"] = self.reference.logprobs(batch["input_ids"], batch["attention_mask"])
+        if self.cfg.tis_cap is not None:
+            tensors["rollout_logprobs"] = batch["rollout_logprobs"].float()
+        return tensors
+
+    def _rl_optimizer_step(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        tensors: dict[str, Tensor],
+        num_tokens: float,
+        num_seqs: float,
+        entropy_norm: float | None,
+    ) -> tuple[dict[str, float], float]:
+        """Micro-batches of one minibatch with gradient accumulation, then one optimizer step.
+
+        Returns this rank's share of the minibatch's loss metrics (and of `learner/entropy` over the
+        whole batch when `entropy_norm` is set) and the step's global gradient norm.
+        """
+        cfg = self.cfg
+        self.engine.train()
+        mbs = cfg.micro_batch_size
+        n_micro = input_ids.shape[0] // mbs
+        totals: dict[str, float] = {"learner/loss": 0.0}
+        fallback_norm: float | None = None
+        for i in range(n_micro):
+            rows = slice(i * mbs, (i + 1) * mbs)
+            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+            logits = self._forward_logits(input_ids[rows], attention_mask[rows])  # (b, T, V)
+            logprobs = token_logprobs(logits, input_ids[rows].to(self.device))  # (b, T)
+            micro = {k: v[rows].to(self.device) for k, v in tensors.items()}
+            mask = micro.pop("loss_mask")
+            if entropy_norm is not None:
+                with torch.no_grad():
+                    entropy = entropy_from_logits(logits.detach(), mask, entropy_norm)
+                totals["learner/entropy"] = totals.get("learner/entropy", 0.0) + entropy.item()
+            loss, metrics = self.policy_loss(
+                logprobs, micro.pop("old_logprobs"), micro.pop("advantages"), mask,
+                **micro, **self._loss_options(), num_tokens=num_tokens, num_seqs=num_seqs,
+            )  # fmt: skip
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if i == n_micro - 1:
+                fallback_norm = _grad_norm(self.engine.module) if cfg.zero_stage == 0 else None
+            self.engine.step()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+            totals["learner/loss"] += loss.item()
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = fallback_norm
+        return totals, float(grad_norm) if grad_norm is not None else float("nan")
+
+    def _loss_options(self) -> dict[str, Any]:
+        """The policy loss's keyword numbers from the config (tis_cap only when TIS is on)."""
+        cfg = self.cfg
+        options: dict[str, Any] = {
+            "clip_low": cfg.clip_low,
+            "clip_high": cfg.clip_high,
+            "clip_ratio_c": cfg.clip_ratio_c,
+            "kl_coef": cfg.kl_coef,
+            "kl_estimator": cfg.kl_estimator,
+            "aggregation": cfg.aggregation,
+            "norm_len": cfg.norm_len,
+        }
+        if cfg.tis_cap is not None:
+            options["tis_cap"] = cfg.tis_cap
+        return options
 
     # ---- weights and checkpoints -----------------------------------------------------------------
 
@@ -292,6 +483,10 @@ class LearnerWorker:
         process, so a later worker in this process (tests) must reuse the same rank and world size."""
         self.engine.destroy()
         del self.engine
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _grad_norm(module: torch.nn.Module) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
@@ -11,7 +13,9 @@ from learner.config import LearnerConfig
 def test_defaults_come_from_the_dataclasses() -> None:
     cfg = compose_config([])
     assert isinstance(cfg, AssayConfig)
-    assert cfg.learner == LearnerConfig(loss="nll")
+    # everything but what the default algo choice (configs/algo/grpo.yaml) sets
+    assert cfg.learner == replace(LearnerConfig(), aggregation="seq-mean-token-mean", kl_coef=0.001)
+    assert cfg.rl.advantage == "grpo"
     assert cfg.model.path is None and cfg.cluster.address is None
 
 
@@ -30,6 +34,18 @@ def test_every_part_can_be_overridden() -> None:
     assert (cfg.verifier.workers, cfg.verifier.endpoint) == (4, "127.0.0.1:50051")
     assert (cfg.model.hidden_size, cfg.task.arithmetic.digits) == (128, 3)
     assert (cfg.learner.zero_stage, cfg.cluster.num_cpus) == (3, 2)
+
+
+def test_algo_choice_sets_a_recipe() -> None:
+    cfg = compose_config(["algo=dr_grpo", "rollout.max_tokens=24"])
+    assert (cfg.rl.advantage, cfg.learner.aggregation, cfg.learner.kl_coef) == ("dr_grpo", "seq-mean-token-sum-norm", 0.0)
+    assert cfg.learner.norm_len == 24  # interpolated from rollout.max_tokens
+
+
+def test_rl_batch_must_fill_minibatches() -> None:
+    with pytest.raises(ConfigError, match="multiple of learner.batch_size"):
+        compose_config(["stage=rl", "rl.prompts_per_step=3", "rollout.n=4", "learner.batch_size=8",
+                        "learner.micro_batch_size=8"])
 
 
 def test_group_choice_sets_fields() -> None:
@@ -60,7 +76,7 @@ def test_wrong_type_names_key() -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("stage=rl2", "stage='rl2' is not allowed; expected one of pretrain, sft"),
+        ("stage=rl2", "stage='rl2' is not allowed; expected one of pretrain, sft, rl"),
         ("learner.zero_stage=5", "zero_stage"),
         ("learner.precision=fp8", "fp32"),
         ("steps=0", "steps=0 is not allowed; expected a positive integer"),

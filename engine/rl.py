@@ -1,0 +1,152 @@
+"""The RL stage (synchronous GRPO-family loop): the diagram of DESIGN.md §2, top to bottom.
+
+    tasks -> RolloutGroup (G responses each) -> verifier actors (a Verdict each) -> advantages
+          -> LearnerGroup.train_rl_step -> weights published to the rollout actors -> metrics
+
+Every algorithm difference is a table entry picked by config (`rl.advantage` in
+`learner.algos.ADVANTAGES`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`), never
+an `if algo == ...` here. Samples a verifier cannot judge (`score=None`) are dropped: their tokens
+leave `loss_mask` and their reward is left out of the group statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from engine.config import AssayConfig
+from engine.metrics import MetricsSink
+from engine.ray_cluster import init_ray
+from engine.runs import StageResult, export_final, open_run, resume, save_step, starting_model
+from engine.scoring import score_on_actors, start_verifier_actors
+from engine.tasks import Task, load_task_source
+from learner.algos import ADVANTAGES
+from learner.group import LearnerGroup
+from rollout.group import RolloutGroup
+from rollout.types import Response
+from rollout.worker import sampling_from_config
+
+
+def run_rl(cfg: AssayConfig) -> StageResult:
+    """Train `cfg.steps` RL steps from the run's latest earlier-stage export (or `model.path`)."""
+    run_dir, resume_from = open_run(cfg)
+    source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
+    model_dir = str(starting_model(cfg, source))
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    learner = LearnerGroup(cfg.learner, model_dir, cfg.cluster.learners, total_steps=optimizer_steps(cfg))
+    rollout = RolloutGroup(cfg.rollout, model_dir)
+    scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors)
+    start = resume(resume_from, learner, source) if resume_from is not None else 0
+    if start:  # the rollout actors load the resumed weights
+        rollout.update_weights(learner.state_dict_for_rollout(), version=start)
+    advantages_of = ADVANTAGES[cfg.rl.advantage]
+    eval_tasks = source.eval_tasks(cfg.task.eval_size)
+    sink = MetricsSink(run_dir, cfg.steps, start_step=start, progress=cfg.progress)
+    metrics: dict[str, float] = {}
+    try:
+        if start == 0:  # the baseline the curves start from
+            sink.log(0, evaluate(rollout, scorers, eval_tasks, cfg))
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            tasks = source.sample(cfg.rl.prompts_per_step)
+            responses = rollout.generate(tasks, cfg.rollout.n, sampling_from_config(cfg.rollout, seed=_seed(cfg, step)))
+            t1 = time.perf_counter()
+            rewards = score(scorers, tasks, responses, cfg.rollout.n)  # (P, G)
+            t2 = time.perf_counter()
+            advantages = advantages_of(rewards)  # (P, G); NaN rewards get advantage 0
+            batch = rl_batch(responses, advantages.flatten(), rewards.flatten(), pad_id=0)
+            metrics = learner.train_rl_step(batch)
+            t3 = time.perf_counter()
+            metrics.update(rollout.update_weights(learner.state_dict_for_rollout(), version=step + 1))
+            t4 = time.perf_counter()
+            metrics.update(rollout_metrics(responses, rewards))
+            metrics.update({"perf/rollout_s": t1 - t0, "perf/verify_s": t2 - t1, "perf/learn_s": t3 - t2,
+                            "perf/sync_s": t4 - t3, "perf/step_s": t4 - t0,
+                            "perf/tokens_per_s": float(batch["loss_mask"].sum()) / (t4 - t0)})
+            done = step + 1
+            if done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0:
+                metrics.update(evaluate(rollout, scorers, eval_tasks, cfg))
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                sink.log(done, metrics)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                save_step(run_dir, learner, source, done, cfg.keep_checkpoints)
+            sink.advance()
+        export = export_final(run_dir, learner, source, cfg.steps)
+    finally:
+        sink.close()
+        learner.shutdown()
+        rollout.shutdown()
+        for actor in scorers:
+            actor.close.remote()
+    return StageResult(run_dir, export, cfg.steps, metrics)
+
+
+def optimizer_steps(cfg: AssayConfig) -> int:
+    """Optimizer steps of the whole stage: each RL step sweeps P×G sequences in minibatches, K times."""
+    per_step = -(-cfg.rl.prompts_per_step * cfg.rollout.n // cfg.learner.batch_size)  # ceil
+    return cfg.steps * per_step * cfg.learner.ppo_epochs
+
+
+def score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: int) -> torch.Tensor:
+    """Rewards `(prompts, samples)`; NaN where the verifier could not judge."""
+    items = [(r.text, tasks[i // n]) for i, r in enumerate(responses)]
+    assert all(r.task_id == t.id for r, (_, t) in zip(responses, items)), "responses out of task order"
+    verdicts = score_on_actors(scorers, items)
+    scores = [float("nan") if v.score is None else float(v.score) for v in verdicts]
+    return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n)  # (P, G)
+
+
+def rl_batch(responses: list[Response], advantages: torch.Tensor, rewards: torch.Tensor,
+             pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + response` rows with per-token advantages and rollout logprobs.
+
+    Position t of a row holds token t; `loss_mask[t] = 1` when token t is a response token (it is
+    predicted from tokens < t, the learner's convention); rows with a NaN reward are masked out.
+    """
+    width = max(len(r.prompt_ids) + len(r.response_ids) for r in responses)
+    rows = len(responses)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros(rows, width, dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros(rows, width)  # (B, T)
+    rollout_logprobs = torch.zeros(rows, width)  # (B, T)
+    for i, r in enumerate(responses):
+        start, end = len(r.prompt_ids), len(r.prompt_ids) + len(r.response_ids)
+        input_ids[i, :end] = torch.tensor(r.prompt_ids + r.response_ids)
+        attention_mask[i, :end] = 1
+        loss_mask[i, start:end] = 0.0 if torch.isnan(rewards[i]) else 1.0
+        rollout_logprobs[i, start:end] = torch.tensor(r.rollout_logprobs)
+    token_adv = torch.nan_to_num(advantages, nan=0.0)[:, None] * loss_mask  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "advantages": token_adv, "rollout_logprobs": rollout_logprobs}
+
+
+def rollout_metrics(responses: list[Response], rewards: torch.Tensor) -> dict[str, float]:
+    """Reward and length statistics of one step's samples (`rewards` is `(P, G)`)."""
+    judged = rewards[~torch.isnan(rewards)]
+    solved = torch.nan_to_num(rewards, nan=0.0) >= 1.0  # (P, G)
+    lengths = torch.tensor([len(r.response_ids) for r in responses], dtype=torch.float32)
+    return {
+        "rollout/reward_mean": float(judged.mean()) if judged.numel() else 0.0,
+        "rollout/reward_std": float(judged.std()) if judged.numel() > 1 else 0.0,
+        "rollout/response_len": float(lengths.mean()),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in responses) / len(responses),
+        "verifier/dropped_frac": float(torch.isnan(rewards).float().mean()),
+        "task/all_solved_frac": float(solved.all(1).float().mean()),
+        "task/none_solved_frac": float((~solved).all(1).float().mean()),
+    }
+
+
+def evaluate(rollout: RolloutGroup, scorers: list[Any], tasks: list[Task], cfg: AssayConfig) -> dict[str, float]:
+    """pass@1 (mean score of G samples) and pass@G (any sample solved) on the fixed eval set."""
+    n = cfg.rollout.n
+    responses = rollout.generate(tasks, n, sampling_from_config(cfg.rollout, seed=cfg.seed + 7919))
+    rewards = torch.nan_to_num(score(scorers, tasks, responses, n), nan=0.0)  # (P, G)
+    return {"eval/pass@1": float(rewards.mean()), "eval/pass@G": float((rewards >= 1.0).any(1).float().mean()),
+            "eval/G": float(n)}
+
+
+def _seed(cfg: AssayConfig, step: int) -> int:
+    return cfg.seed * 1_000_003 + step
+
