@@ -19,7 +19,7 @@ import torch
 from engine.config import AssayConfig
 from engine.metrics import MetricsSink
 from engine.ray_cluster import init_ray
-from engine.runs import StageResult, export_final, open_run, resume, save_step, starting_model
+from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
 from engine.scoring import score_on_actors, start_verifier_actors
 from engine.tasks import Task, load_task_source
 from learner.algos import ADVANTAGES
@@ -65,14 +65,8 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             metrics.update({"perf/rollout_s": t1 - t0, "perf/verify_s": t2 - t1, "perf/learn_s": t3 - t2,
                             "perf/sync_s": t4 - t3, "perf/step_s": t4 - t0,
                             "perf/tokens_per_s": float(batch["loss_mask"].sum()) / (t4 - t0)})
-            done = step + 1
-            if done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0:
-                metrics.update(evaluate(rollout, scorers, eval_tasks, cfg))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                sink.log(done, metrics)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_step(run_dir, learner, source, done, cfg.keep_checkpoints)
-            sink.advance()
+            finish_step(step + 1, cfg, metrics, lambda: evaluate(rollout, scorers, eval_tasks, cfg),
+                        sink, run_dir, learner, source)
         export = export_final(run_dir, learner, source, cfg.steps)
     finally:
         sink.close()

@@ -8,12 +8,14 @@ and the driver RNG) and `final/` (the same plus `final/hf`, the HF export later 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine import checkpoint
 from engine.config import AssayConfig, to_yaml
+from engine.metrics import MetricsSink
 from engine.models import prepare_model_dir
 from engine.tasks import TaskSource
 
@@ -71,6 +73,18 @@ def save_step(run_dir: Path, learner: Any, source: TaskSource, step: int, keep: 
                                    lambda tmp: _write(tmp / "learner", tmp, learner, source, step))
     checkpoint.prune(checkpoints, keep)
     return path
+
+
+def finish_step(done: int, cfg: AssayConfig, metrics: dict[str, float], evaluate: Callable[[], dict[str, float]],
+                sink: MetricsSink, run_dir: Path, learner: Any, source: TaskSource) -> None:
+    """The end of every stage's step `done` (1-based): evaluate, log and checkpoint when due."""
+    if done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0:
+        metrics.update(evaluate())
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        sink.log(done, metrics)
+    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+        save_step(run_dir, learner, source, done, cfg.keep_checkpoints)
+    sink.advance()
 
 
 def export_final(run_dir: Path, learner: Any, source: TaskSource, step: int) -> Path:

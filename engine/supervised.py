@@ -24,7 +24,7 @@ from engine.data import encode_response, pack_pretrain, sft_batch
 from engine.evaluate import greedy_accuracy
 from engine.metrics import MetricsSink
 from engine.ray_cluster import init_ray
-from engine.runs import StageResult, export_final, open_run, resume, save_step, starting_model
+from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
 from engine.tasks import TaskSource, load_task_source
 from learner.group import LearnerGroup
 
@@ -50,14 +50,8 @@ def run_stage(cfg: AssayConfig) -> StageResult:
             batch = next_batch(source, tokenizer, cfg)
             metrics = group.train_step(batch)
             metrics["perf/step_s"] = time.perf_counter() - t0
-            done = step + 1
-            if done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0:
-                metrics.update(_evaluate(group, model_dir, tokenizer, source, cfg))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                sink.log(done, metrics)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_step(run_dir, group, source, done, cfg.keep_checkpoints)
-            sink.advance()
+            finish_step(step + 1, cfg, metrics, lambda: _evaluate(group, model_dir, tokenizer, source, cfg),
+                        sink, run_dir, group, source)
         export = export_final(run_dir, group, source, cfg.steps)
     finally:
         sink.close()
