@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -77,8 +78,9 @@ def _demo(args: argparse.Namespace) -> int:
     for stage, defaults in DEMO_STAGES:
         cfg = compose_config([*defaults, f"stage={stage}", *user])
         print(f"[assay] demo stage {stage}: {cfg.steps} steps, {cfg.cluster.learners} learner(s)")
-        results.append(run_stage(cfg))
-    report = write_report(results[0].run_dir.parent, [r.run_dir for r in results])
+        start = time.perf_counter()
+        results.append((run_stage(cfg), time.perf_counter() - start))
+    report = write_report(results[0][0].run_dir.parent, [(r.run_dir, seconds) for r, seconds in results])
     print(f"[assay] demo done; report: {report}")
     return 0
 

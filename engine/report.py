@@ -1,14 +1,18 @@
-"""The end-of-run report: the curves people would rather see than read, as one PNG plus a summary."""
+"""The end-of-run report: the curves people would rather see than read (one PNG), a text summary,
+and `report.json` for scripts: `{"stages": {name: {"accuracy", "sampled_accuracy", "seconds"}},
+"total_seconds"}` (accuracy: greedy exact match on the held-out set, as a fraction; sampled_accuracy:
+pass@1 at the rollout temperature, RL stages only)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from engine.metrics import read_metrics
 
 
-def write_report(out_dir: Path, stage_dirs: list[Path]) -> Path:
-    """Plot training loss and held-out accuracy of each stage in order; return the PNG's path."""
+def write_report(out_dir: Path, stages: list[tuple[Path, float]]) -> Path:
+    """Plot loss, held-out accuracy and reward of each (stage dir, seconds) in order; return the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,24 +21,29 @@ def write_report(out_dir: Path, stage_dirs: list[Path]) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
     summary = []
-    for stage_dir in stage_dirs:
+    table: dict[str, dict[str, float | None]] = {}
+    for stage_dir, seconds in stages:
         records = read_metrics(stage_dir / "metrics.jsonl")
         loss = [(r["step"] + offset, r["learner/loss"]) for r in records if "learner/nll_sum" in r]  # NLL stages
         reward = [(r["step"] + offset, r["rollout/reward_mean"]) for r in records if "rollout/reward_mean" in r]
-        acc = [(r["step"] + offset, r.get("eval/accuracy", r.get("eval/pass@1"))) for r in records
-               if "eval/accuracy" in r or "eval/pass@1" in r]
+        acc = [(r["step"] + offset, r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
+        sampled = [(r["step"] + offset, r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
         if loss:
             ax_loss.plot(*zip(*loss), label=stage_dir.name)
         if reward:
             ax_acc.plot(*zip(*reward), alpha=0.5, label=f"{stage_dir.name} train reward")
+        if sampled:
+            ax_acc.plot(*zip(*sampled), marker="x", linestyle="--", label=f"{stage_dir.name} held-out pass@1 (sampled)")
         if acc:
-            ax_acc.plot(*zip(*acc), marker="o", label=f"{stage_dir.name} held-out")
+            ax_acc.plot(*zip(*acc), marker="o", label=f"{stage_dir.name} held-out (greedy)")
             final_loss = f"final loss {loss[-1][1]:.3f}, " if loss else ""
             summary.append(f"{stage_dir.name}: {final_loss}held-out accuracy {acc[-1][1]:.3f}"
                            + (f" (first {acc[0][1]:.3f})" if len(acc) > 1 else ""))
+        table[stage_dir.name] = {"accuracy": acc[-1][1] if acc else None,
+                                 "sampled_accuracy": sampled[-1][1] if sampled else None, "seconds": seconds}
         offset += records[-1]["step"] if records else 0
     ax_loss.set(title="training loss (NLL)", xlabel="step (stages back to back)", yscale="log")
-    ax_acc.set(title="held-out accuracy (SFT: greedy; RL: pass@1) and RL reward", xlabel="step", ylim=(0, 1))
+    ax_acc.set(title="held-out accuracy and RL reward", xlabel="step (stages back to back)", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -43,6 +52,8 @@ def write_report(out_dir: Path, stage_dirs: list[Path]) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     (out_dir / "report.txt").write_text("\n".join(summary) + "\n")
+    report = {"stages": table, "total_seconds": sum(seconds for _, seconds in stages)}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     for line in summary:
         print(f"[assay] {line}")
     return path

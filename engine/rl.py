@@ -12,6 +12,7 @@ leave `loss_mask` and their reward is left out of the group statistics.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -133,12 +134,14 @@ def rollout_metrics(responses: list[Response], rewards: torch.Tensor) -> dict[st
 
 
 def evaluate(rollout: RolloutGroup, scorers: list[Any], tasks: list[Task], cfg: AssayConfig) -> dict[str, float]:
-    """pass@1 (mean score of G samples) and pass@G (any sample solved) on the fixed eval set."""
+    """On the fixed eval set: greedy exact match (`eval/accuracy`, as the supervised stages report it),
+    pass@1 (the mean score of G samples at the rollout temperature) and pass@G (any sample solved)."""
     n = cfg.rollout.n
-    responses = rollout.generate(tasks, n, sampling_from_config(cfg.rollout, seed=cfg.seed + 7919))
-    rewards = torch.nan_to_num(score(scorers, tasks, responses, n), nan=0.0)  # (P, G)
-    return {"eval/pass@1": float(rewards.mean()), "eval/pass@G": float((rewards >= 1.0).any(1).float().mean()),
-            "eval/G": float(n)}
+    sampling = sampling_from_config(cfg.rollout, seed=cfg.seed + 7919)
+    greedy = torch.nan_to_num(score(scorers, tasks, rollout.generate(tasks, 1, replace(sampling, temperature=0.0)), 1))
+    rewards = torch.nan_to_num(score(scorers, tasks, rollout.generate(tasks, n, sampling), n), nan=0.0)  # (P, G)
+    return {"eval/accuracy": float((greedy >= 1.0).float().mean()), "eval/pass@1": float(rewards.mean()),
+            "eval/pass@G": float((rewards >= 1.0).any(1).float().mean()), "eval/G": float(n)}
 
 
 def _seed(cfg: AssayConfig, step: int) -> int:

@@ -65,7 +65,7 @@ def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
     result = run_stage(cfg)
     records = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]  # step 0: the evaluation before any update
-    assert {"eval/pass@1", "eval/pass@G"} <= set(records[0])
+    assert {"eval/accuracy", "eval/pass@1", "eval/pass@G"} <= set(records[0])
     for r in records[1:]:
         # 8 prompts × 4 samples = 32 responses in 2 minibatches of 16: two optimizer steps per RL step
         assert r["learner/optimizer_steps"] == 2
