@@ -79,13 +79,15 @@ def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
     assert (result.export_dir / "config.json").exists()
 
 
-class ShortAnswerVerifier:
-    """1.0 for a response of at most 8 characters: a reward even a random tiny model earns sometimes."""
+class EvenLengthVerifier:
+    """1.0 for a response with an even number of characters: about half of a random policy's samples
+    earn it, so every group has mixed rewards and the policy really moves."""
 
-    name = "short_answer"
+    name = "even_length"
 
     def verify(self, response: str, task: object) -> Verdict:
-        return Verdict(1.0 if len(response) <= 8 else 0.0, "short" if len(response) <= 8 else "long")
+        even = len(response) % 2 == 0
+        return Verdict(1.0 if even else 0.0, "even" if even else "odd")
 
 
 @pytest.mark.slow
@@ -104,7 +106,7 @@ def test_rl_resume_reproduces_steps(ray_local, tmp_path) -> None:
                                         "response": f"Answer: {2 * i}"}) + "\n"
                             for i in range(40)))
     args = ["experiment=arith_tiny", "stage=rl", "steps=4", "save_every=2", "progress=false", f"runs_dir={tmp_path}",
-            "task=file", f"task.file.path={data}", f"task.file.verifier={__name__}:ShortAnswerVerifier",
+            "task=file", f"task.file.path={data}", f"task.file.verifier={__name__}:EvenLengthVerifier",
             "task.eval_size=4", "rl.prompts_per_step=4", "rollout.n=4", "learner.batch_size=16",
             "learner.micro_batch_size=16", "rollout.kv_cache_gib=0.5", "rollout.temperature=1.5",
             "learner.lr=1e-2", "corpus_docs=40"]
@@ -112,7 +114,8 @@ def test_rl_resume_reproduces_steps(ray_local, tmp_path) -> None:
     before = {r["step"]: r for r in read_metrics(first.run_dir / "metrics.jsonl")}
     assert (first.run_dir / "checkpoints" / "step_000002" / "state.json").exists()
     # The test means something only if the policy really changed between the steps it compares.
-    assert 0.0 < before[2]["rollout/reward_mean"] < 1.0 and before[2]["learner/grad_norm"] > 0
+    for step in (1, 2):
+        assert 0.0 < before[step]["rollout/reward_mean"] < 1.0 and before[step]["learner/grad_norm"] > 0
 
     run_stage(compose_config([*args, "resume=true"]))
     after = {r["step"]: r for r in read_metrics(first.run_dir / "metrics.jsonl")}
