@@ -44,9 +44,6 @@ def greedy_accuracy(model_dir: Path, state_dict: dict[str, torch.Tensor], tokeni
     model.load_state_dict(state_dict, strict=False)
     model.eval()
     answers = greedy_generate(model, tokenizer, [t.prompt for t in tasks], max_new_tokens)
-    verifiers: dict[str, Any] = {}
-    scores = []
-    for task, answer in zip(tasks, answers):
-        verifier = verifiers.setdefault(task.verifier, load_verifier(task.verifier))
-        scores.append(verifier.verify(answer, task).score or 0.0)
+    verifiers = {name: load_verifier(name) for name in {t.verifier for t in tasks}}  # built once per name
+    scores = [verifiers[task.verifier].verify(answer, task).score or 0.0 for task, answer in zip(tasks, answers)]
     return {"eval/accuracy": sum(scores) / max(len(scores), 1), "eval/tasks": float(len(tasks))}
