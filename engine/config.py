@@ -67,6 +67,12 @@ class AssayConfig:
     """Experiment name; the run writes `runs_dir/<name>/<stage>/`."""
     stage: str = "pretrain"
     """`pretrain` (NLL on all tokens of packed sequences), `sft` (NLL on response tokens only) or `rl`."""
+    stage_dir: str | None = None
+    """The stage's directory under `runs_dir/<name>/` (default: the stage's name). Set it to run two
+    stages of one kind in one run, e.g. SFT on clean demonstrations, then on a flawed teacher's."""
+    init_from: str | None = None
+    """With no `model.path`: the stage directory of this run whose export this stage starts from
+    (default: the newest of the earlier stages, SFT from pretrain, RL from SFT, else pretrain)."""
     steps: int = 100
     """Optimizer steps of this stage."""
     seq_len: int = 64
@@ -82,6 +88,10 @@ class AssayConfig:
     """Write metrics every N steps."""
     eval_every: int = 0
     """Run the held-out greedy evaluation every N steps (0: only at the end)."""
+    stop_at_accuracy: float = 0.0
+    """Supervised stages: end early (and export) once the held-out greedy accuracy of an evaluation
+    (`eval_every`) reaches this fraction; 0 never stops early. Loss plateaus of small models break at
+    unpredictable steps, so a threshold is steadier than a step count."""
     save_every: int = 0
     """Write a checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

@@ -137,14 +137,18 @@ def _head_hint(hidden_size: int) -> str:
 def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `corpus` (deterministic for a given corpus).
 
-    Every byte is in the alphabet, so any text encodes; `<|endoftext|>` is eos, pad and bos, and is
-    never added by `encode` (callers append eos where a document ends).
+    Every byte is in the alphabet, so any text encodes; digits are never merged (each is one token);
+    `<|endoftext|>` is eos, pad and bos, and is never added by `encode` (callers append eos where a
+    document ends).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit, as Llama's and DeepSeek's tokenizers
+        pre_tokenizers.Digits(individual_digits=True),  # do: place-value arithmetic stays learnable
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

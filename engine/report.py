@@ -1,7 +1,7 @@
 """The end-of-run report: the curves people would rather see than read (one PNG), a text summary,
 and `report.json` for scripts: `{"stages": {name: {"accuracy", "sampled_accuracy", "seconds"}},
 "total_seconds"}` (accuracy: greedy exact match on the held-out set, as a fraction; sampled_accuracy:
-pass@1 at the rollout temperature, RL stages only)."""
+pass@1, the mean score of G samples at temperature 1, from each stage's final evaluation)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ class StageResult:
 
 def open_run(cfg: AssayConfig) -> tuple[Path, Path | None]:
     """Create (or, resuming, reuse) the stage's run directory; return it and the checkpoint to resume."""
-    run_dir = Path(cfg.runs_dir) / cfg.name / cfg.stage
+    run_dir = Path(cfg.runs_dir) / cfg.name / (cfg.stage_dir or cfg.stage)
     resume_from = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
     if cfg.resume and resume_from is None:
         print(f"[assay] resume=true but {run_dir / 'checkpoints'} has no complete checkpoint: starting fresh")
@@ -46,7 +46,13 @@ def open_run(cfg: AssayConfig) -> tuple[Path, Path | None]:
 
 
 def starting_model(cfg: AssayConfig, source: TaskSource) -> Path:
-    """`model.path`, else this run's newest earlier-stage export, else a tiny model built now."""
+    """`model.path`, else the export of `init_from` or of this run's newest earlier stage, else a tiny
+    model built now."""
+    if cfg.model.path is None and cfg.init_from is not None:
+        export = Path(cfg.runs_dir) / cfg.name / cfg.init_from / "final" / "hf"
+        if not export.is_dir():
+            raise FileNotFoundError(f"init_from={cfg.init_from!r}: {export} does not exist (run that stage first)")
+        return export
     if cfg.model.path is None and cfg.init_from_previous_stage:
         for stage in EARLIER_STAGES[cfg.stage]:
             export = Path(cfg.runs_dir) / cfg.name / stage / "final" / "hf"

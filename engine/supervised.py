@@ -21,7 +21,7 @@ import torch
 
 from engine.config import AssayConfig
 from engine.data import encode_response, pack_pretrain, sft_batch
-from engine.evaluate import greedy_accuracy
+from engine.evaluate import heldout_accuracy
 from engine.metrics import MetricsSink
 from engine.ray_cluster import init_ray
 from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
@@ -44,19 +44,33 @@ def run_stage(cfg: AssayConfig) -> StageResult:
     next_batch = BATCHES[cfg.stage]
     sink = MetricsSink(run_dir, cfg.steps, start_step=start, progress=cfg.progress)
     metrics: dict[str, float] = {}
+    done = start
     try:
-        for step in range(start, cfg.steps):
+        while done < cfg.steps and not reached(metrics, cfg.stop_at_accuracy):
             t0 = time.perf_counter()
             batch = next_batch(source, tokenizer, cfg)
             metrics = group.train_step(batch)
             metrics["perf/step_s"] = time.perf_counter() - t0
-            finish_step(step + 1, cfg, metrics, lambda: _evaluate(group, model_dir, tokenizer, source, cfg),
+            done += 1
+            finish_step(done, cfg, metrics, lambda: _evaluate(group, model_dir, tokenizer, source, cfg),
                         sink, run_dir, group, source)
-        export = export_final(run_dir, group, source, cfg.steps)
+        if done < cfg.steps:
+            print(f"[assay] {cfg.stage}: held-out accuracy {metrics['eval/accuracy']:.3f} reached "
+                  f"stop_at_accuracy={cfg.stop_at_accuracy} at step {done}; stopping early")
+            if done % cfg.log_every:  # finish_step logged it otherwise
+                sink.log(done, metrics)
+        # The stage's final evaluation adds sampled accuracy (G samples at T = 1), as the RL stage reports it.
+        sink.log(done, _evaluate(group, model_dir, tokenizer, source, cfg, samples=cfg.rollout.n))
+        export = export_final(run_dir, group, source, done)
     finally:
         sink.close()
         group.shutdown()
-    return StageResult(run_dir, export, cfg.steps, metrics)
+    return StageResult(run_dir, export, done, metrics)
+
+
+def reached(metrics: dict[str, float], threshold: float) -> bool:
+    """True when an evaluation just measured held-out accuracy at or above `threshold` (> 0)."""
+    return threshold > 0 and metrics.get("eval/accuracy", -1.0) >= threshold
 
 
 def pretrain_batch(source: TaskSource, tokenizer: Any, cfg: AssayConfig) -> dict[str, torch.Tensor]:
@@ -84,7 +98,8 @@ BATCHES: dict[str, Callable[[TaskSource, Any, AssayConfig], dict[str, torch.Tens
 }
 
 
-def _evaluate(group: LearnerGroup, model_dir: Path, tokenizer: Any, source: TaskSource,
-              cfg: AssayConfig) -> dict[str, float]:
+def _evaluate(group: LearnerGroup, model_dir: Path, tokenizer: Any, source: TaskSource, cfg: AssayConfig,
+              samples: int = 0) -> dict[str, float]:
     tasks = source.eval_tasks(cfg.task.eval_size)
-    return greedy_accuracy(model_dir, group.state_dict_for_rollout(), tokenizer, tasks, max_new_tokens=cfg.max_len)
+    return heldout_accuracy(model_dir, group.state_dict_for_rollout(), tokenizer, tasks, max_new_tokens=cfg.max_len,
+                            samples=samples, seed=cfg.seed + 7919)

@@ -26,9 +26,12 @@ class LearnerActor:
         total_steps: int,
         master_port: int,
     ) -> None:
+        import torch
+
         # Imported here so that the driver process never imports DeepSpeed just to create actors.
         from learner.worker import LearnerWorker
 
+        torch.set_num_threads(cfg.threads)
         self.worker = LearnerWorker(cfg, model_dir, rank, world_size, total_steps, master_port)
 
     def ready(self) -> bool:

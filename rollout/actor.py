@@ -23,8 +23,11 @@ class RolloutActor:
     """Rank `rank` of a `RolloutGroup`."""
 
     def __init__(self, cfg: RolloutConfig, model_dir: str, rank: int = 0) -> None:
+        import torch
+
         from rollout.worker import RolloutWorker  # the driver never imports transformers/vLLM for this
 
+        torch.set_num_threads(cfg.threads)  # before the backend starts: vLLM's CPU worker pins them
         self.rank = rank
         self.worker = RolloutWorker(cfg, model_dir)
 

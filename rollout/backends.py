@@ -102,7 +102,7 @@ class HFBackend:
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
-        texts: list[str] = [""] * n
+        cut_texts: list[str | None] = [None] * n  # the text of a row a stop string ended
         for _ in range(budget):
             logits = out.logits[:, -1].float()  # (n, V)
             picked = _sample_tokens(logits, sampling.temperature, sampling.top_p, gen)  # (n,)
@@ -113,14 +113,19 @@ class HFBackend:
                 token = int(picked[row])
                 tokens[row].append(token)
                 logprobs[row].append(float(picked_logprobs[row]))
-                texts[row] = str(self.tokenizer.decode(tokens[row], skip_special_tokens=True))
                 if token in self.eos_ids:
                     finish[row] = "stop"
-                elif (cut := _stop_cut(texts[row], sampling.stop)) is not None:
-                    texts[row], finish[row] = cut, "stop"
+                elif sampling.stop:  # decoding every step is only needed to look for stop strings
+                    text = str(self.tokenizer.decode(tokens[row], skip_special_tokens=True))
+                    if (cut := _stop_cut(text, sampling.stop)) is not None:
+                        cut_texts[row], finish[row] = cut, "stop"
             if all(reason is not None for reason in finish):
                 break
             out = self.model(input_ids=picked[:, None], past_key_values=out.past_key_values, use_cache=True)
+        texts = [
+            cut if cut is not None else str(self.tokenizer.decode(ids, skip_special_tokens=True))
+            for ids, cut in zip(tokens, cut_texts, strict=True)
+        ]
         return [
             Completion(tokens[row], logprobs[row], texts[row], finish[row] or "length") for row in range(n)
         ]
@@ -196,6 +201,15 @@ class VllmBackend:
                 "or set rollout.backend=hf, the transformers backend"
             ) from exc
 
+        # On CPU a seeded request whose prefill is split over two steps crashes vLLM ("CPU Generator
+        # does not use offset": it rewinds the request's generator after the partial step). The RL
+        # loop always seeds, so on CPU prompts are never split: chunked prefill off, and a step's
+        # token budget large enough for the longest prompt (vLLM's own setting for CPU MLA models).
+        no_chunking = (
+            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+            if not torch.cuda.is_available()
+            else {}
+        )
         self.llm = LLM(
             model=str(Path(model_dir)),
             dtype=dtype,  # type: ignore[arg-type]  # validated by RolloutConfig
@@ -203,6 +217,7 @@ class VllmBackend:
             enforce_eager=enforce_eager,
             seed=seed,
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            **no_chunking,
             worker_extension_cls=VLLM_EXTENSION,
         )
 
@@ -227,6 +242,10 @@ class VllmBackend:
                         stop=list(sampling.stop) or None,
                         seed=None if seed is None else seed + j,
                         logprobs=0,  # the sampled token's own logprob only
+                        # vLLM detokenizes every step (text, and each logprob's token string: most of
+                        # its CPU time on a small model); only stop strings need that, and
+                        # `_completion` decodes the final ids itself.
+                        detokenize=bool(sampling.stop),
                     )
                 )
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -67,6 +67,10 @@ class RolloutConfig:
     shm_dir: str = "/dev/shm"
     """Parent directory of the `shm` transport's bucket files (a tmpfs for speed)."""
 
+    threads: int = 1
+    """torch threads of each rollout actor, set before its backend starts (vLLM's CPU worker then
+    forbids changing them)."""
+
     bucket_mb: int = 256
     """Largest weight bucket of the `shm`/`ray` transports, MiB (one tensor larger than that gets a
     bucket of its own)."""
@@ -80,7 +84,7 @@ def validate_rollout_config(cfg: RolloutConfig) -> None:
     for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("weight_sync", WEIGHT_SYNCS)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"rollout.{name}={getattr(cfg, name)!r} is not one of {allowed}")
-    for name in ("num_workers", "n", "max_tokens", "max_model_len", "bucket_mb"):
+    for name in ("num_workers", "n", "max_tokens", "max_model_len", "bucket_mb", "threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"rollout.{name} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.temperature < 0:

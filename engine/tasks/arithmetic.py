@@ -2,8 +2,15 @@
 
 Integer expressions like `12+7` or `3+4*5` with difficulty knobs (digits per operand, operand count,
 operators among `+-*`, usual precedence). The prompt is `What is 12+7?\n` and the demonstration
-response `Answer: 19`: a final `Answer: ...` line is what the `math` verifier extracts in strict mode,
-and both stay a handful of tokens so the tiny model (256 positions) has room.
+response `Answer: 19` (`answer_format=answer`: a final `Answer: ...` line is what the `math` verifier
+extracts in strict mode), `\\boxed{19}` (`boxed`) or `\\boxed{91}` (`reversed`: for addition, the sum
+zero-padded to the widest possible sum and written least-significant digit first, the order in which
+carries are computed, so a small transformer learns it far faster; Lee et al. 2023). All stay a
+handful of tokens so the tiny model (256 positions) has room.
+
+`teacher_accuracy < 1` makes the demonstrations a flawed teacher: a seeded share of them drops every
+carry (`47+85` -> `22`). The task's `reference` is always the right answer, so imitation learns the
+teacher's mistakes while a verifier-driven stage (RL) can learn past them.
 
 Reproducibility without carried RNG state: training task `i` is drawn from its own generator seeded
 with `(seed, i)`, so the stream position is one integer and resuming is exact. The held-out set is
@@ -21,6 +28,7 @@ from engine.tasks.base import TaskConfig
 from verifiers.base import Task
 
 OPERATORS = "+-*"
+ANSWER_FORMATS = ("answer", "boxed", "reversed")
 
 
 def evaluate(expression: str) -> int:
@@ -42,7 +50,8 @@ class ArithmeticSource:
     """Seeded stream of arithmetic tasks with a fixed held-out set (see the module docstring)."""
 
     def __init__(
-        self, digits: int = 1, operands: int = 2, operators: str = "+-", seed: int = 0, eval_size: int = 64
+        self, digits: int = 1, operands: int = 2, operators: str = "+-", seed: int = 0, eval_size: int = 64,
+        answer_format: str = "answer", teacher_accuracy: float = 1.0,
     ) -> None:
         if digits < 1:
             raise ValueError(f"task.arithmetic.digits must be >= 1, got {digits}")
@@ -53,6 +62,18 @@ class ArithmeticSource:
             raise ValueError(
                 f"task.arithmetic.operators={operators!r}: expected a non-empty subset of {OPERATORS!r}"
             )
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"task.arithmetic.answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}")
+        if not 0.0 <= teacher_accuracy <= 1.0:
+            raise ValueError(f"task.arithmetic.teacher_accuracy={teacher_accuracy}: expected a fraction in [0, 1]")
+        for knob, used in (("answer_format=reversed", answer_format == "reversed"),
+                           (f"teacher_accuracy={teacher_accuracy}", teacher_accuracy < 1.0)):
+            if used and set(operators) != {"+"}:
+                raise ValueError(f"task.arithmetic.{knob} is defined for addition only: set operators='+' "
+                                 f"(got {operators!r})")
+        self.answer_format = answer_format
+        self.teacher_accuracy = teacher_accuracy
+        self.width = len(str(operands * (10**digits - 1)))  # digits of the largest possible sum
         self.digits = digits
         self.operands = operands
         self.operators = "".join(op for op in OPERATORS if op in operators)
@@ -71,12 +92,13 @@ class ArithmeticSource:
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> ArithmeticSource:
         a = cfg.arithmetic
-        return cls(a.digits, a.operands, a.operators, seed=seed, eval_size=cfg.eval_size)
+        return cls(a.digits, a.operands, a.operators, seed=seed, eval_size=cfg.eval_size,
+                   answer_format=a.answer_format, teacher_accuracy=a.teacher_accuracy)
 
     def sample(self, n: int) -> list[Task]:
         start, self._index = self._index, self._index + n
         return [
-            self._task(f"arithmetic-{self.seed}-{i}", self._train_draw(f"train:{i}"))
+            self._task(f"arithmetic-{self.seed}-{i}", self._train_draw(f"train:{i}"), self._teacher_right(f"train:{i}"))
             for i in range(start, start + n)
         ]
 
@@ -87,7 +109,7 @@ class ArithmeticSource:
 
     def corpus(self, n_docs: int) -> Iterator[str]:
         for i in range(n_docs):
-            task = self._task("", self._train_draw(f"corpus:{i}"))
+            task = self._task("", self._train_draw(f"corpus:{i}"), self._teacher_right(f"corpus:{i}"))
             yield f"{task.prompt}{task.meta['response']}"
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,12 +142,33 @@ class ArithmeticSource:
             chosen.setdefault(self._draw(rng))
         return list(chosen)
 
-    def _task(self, task_id: str, expression: str) -> Task:
-        value = evaluate(expression)
+    def _teacher_right(self, key: str) -> bool:
+        return self.teacher_accuracy >= 1.0 or random.Random(f"teacher:{self.seed}:{key}").random() < self.teacher_accuracy
+
+    def _task(self, task_id: str, expression: str, teacher_right: bool = True) -> Task:
+        answer = self._written(evaluate(expression))
+        shown = answer if teacher_right else self._written(carry_free_sum(expression))
         return Task(
             id=task_id,
             prompt=f"What is {expression}?\n",
-            reference=str(value),
+            reference=answer,
             verifier="math",
-            meta={"response": f"Answer: {value}", "expression": expression},
+            meta={"response": ANSWER_TEMPLATES[self.answer_format].format(shown), "expression": expression},
         )
+
+    def _written(self, value: int) -> str:
+        return str(value).zfill(self.width)[::-1] if self.answer_format == "reversed" else str(value)
+
+
+# answer_format -> the demonstration's text around the written answer.
+ANSWER_TEMPLATES = {"answer": "Answer: {}", "boxed": "\\boxed{{{}}}", "reversed": "\\boxed{{{}}}"}
+
+
+def carry_free_sum(expression: str) -> int:
+    """The sum of a `+`-only expression with every carry dropped: each digit is the column sum mod 10."""
+    operands = [int(x) for x in expression.split("+")]
+    total, place = 0, 1
+    while any(operands):
+        total += sum(x % 10 for x in operands) % 10 * place
+        operands, place = [x // 10 for x in operands], place * 10
+    return total

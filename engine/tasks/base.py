@@ -65,6 +65,15 @@ class ArithmeticConfig:
     operators: str = "+-"
     """Operators to draw from, a subset of `+-*`; precedence is the usual one."""
 
+    answer_format: str = "answer"
+    """How the demonstration writes the answer: `answer` (`Answer: 132`), `boxed` (`\\boxed{132}`) or
+    `reversed` (`\\boxed{231}`: the digits least-significant first, zero-padded to the widest possible
+    sum, which small transformers learn far faster; addition only). The reference is written the same way."""
+
+    teacher_accuracy: float = 1.0
+    """Fraction of training demonstrations that are right; the others drop every carry (a flawed
+    teacher: `47+85` -> `22`). Addition only; the reference the verifier checks is always right."""
+
 
 @dataclass
 class FileConfig:

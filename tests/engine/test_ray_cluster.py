@@ -39,6 +39,6 @@ def test_train_joins_existing_cluster(tmp_path: Path) -> None:
         assert "Started a local Ray instance" not in proc.stderr  # it joined, it did not start its own
         assert "Connected to Ray cluster" in proc.stderr or "Connecting to existing Ray cluster" in proc.stderr
         records = read_metrics(tmp_path / "arith_tiny" / "pretrain" / "metrics.jsonl")
-        assert [r["step"] for r in records] == [1, 2]
+        assert [r["step"] for r in records] == [1, 2, 2]  # step 2 twice: its losses, then the final evaluation
     finally:
         cluster.shutdown()

@@ -9,7 +9,7 @@ import torch
 
 from engine.rl import rl_batch, rollout_metrics
 from rollout.types import Response
-from verifiers import Verdict
+from tests.engine.plugins import PATH as PLUGINS
 
 
 def _response(prompt: list[int], response: list[int], logprobs: list[float], finish: str = "stop") -> Response:
@@ -54,14 +54,27 @@ def test_rollout_metrics_by_hand() -> None:
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
-    """Real vLLM rollout actor, verifier pool actor, 2 DeepSpeed learners, shm weight sync."""
+    """Real vLLM rollout actor, verifier pool actor, 2 DeepSpeed learners under ZeRO-2, shm weight sync."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from engine.cli import run_stage
     from engine.config import compose_config
     from engine.metrics import read_metrics
+    from learner.algos.sft import token_logprobs
 
+    # A random model never solves arithmetic (reward 0 everywhere: no gradient); even-length rewards move it.
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
+                                        "response": f"Answer: {2 * i}"}) + "\n"
+                            for i in range(40)))
     cfg = compose_config(["experiment=arith_tiny", "stage=rl", "steps=2", "progress=false", f"runs_dir={tmp_path}",
-                          "cluster.learners=2", "rl.prompts_per_step=8", "rollout.n=4", "learner.batch_size=16",
-                          "learner.micro_batch_size=8", "task.eval_size=8", "rollout.kv_cache_gib=0.5"])
+                          "task=file", f"task.file.path={data}", f"task.file.verifier={PLUGINS}:EvenLengthVerifier",
+                          "corpus_docs=40", "cluster.learners=2", "learner.zero_stage=2", "rollout.backend=vllm",
+                          "rollout.num_workers=1", "rollout.weight_sync=shm", "rl.prompts_per_step=8", "rollout.n=4",
+                          "rollout.temperature=1.5", "learner.batch_size=16", "learner.micro_batch_size=8",
+                          "learner.lr=1e-3", "task.eval_size=8", "rollout.kv_cache_gib=0.5"])
     result = run_stage(cfg)
     records = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]  # step 0: the evaluation before any update
@@ -72,22 +85,19 @@ def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
         # The rollout served exactly the learner's weights (model_dir at step 1, the synced step-1
         # weights at step 2): its sampled-token logprobs equal the learner's recomputation.
         assert r["learner/logprob_diff"] < 1e-3
-        assert 0.0 <= r["rollout/reward_mean"] <= 1.0
+        assert 0.0 < r["rollout/reward_mean"] < 1.0 and r["learner/grad_norm"] > 0  # mixed rewards: updates
     assert records[-1]["rollout/weight_version"] == 2
     assert {"eval/pass@1", "eval/pass@G", "perf/rollout_s", "perf/verify_s", "perf/learn_s", "perf/sync_s"} <= set(
         records[-1])
     assert (result.export_dir / "config.json").exists()
-
-
-class EvenLengthVerifier:
-    """1.0 for a response with an even number of characters: about half of a random policy's samples
-    earn it, so every group has mixed rewards and the policy really moves."""
-
-    name = "even_length"
-
-    def verify(self, response: str, task: object) -> Verdict:
-        even = len(response) % 2 == 0
-        return Verdict(1.0 if even else 0.0, "even" if even else "odd")
+    # The rollout actor ended up serving version 2, which it loaded only after checking it against the
+    # checksum of the learner's state, i.e. the final export; that export is not the starting model.
+    start_dir = result.run_dir.parent / "model"
+    ids = torch.tensor([AutoTokenizer.from_pretrained(start_dir)("What is 12+34?\nAnswer: 46")["input_ids"]])
+    with torch.no_grad():
+        start, final = (token_logprobs(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits, ids)
+                        for d in (start_dir, result.export_dir))
+    assert float((final - start).abs().max()) > 1e-3  # far beyond the 1e-4 of rollout/learner parity
 
 
 @pytest.mark.slow
@@ -106,7 +116,7 @@ def test_rl_resume_reproduces_steps(ray_local, tmp_path) -> None:
                                         "response": f"Answer: {2 * i}"}) + "\n"
                             for i in range(40)))
     args = ["experiment=arith_tiny", "stage=rl", "steps=4", "save_every=2", "progress=false", f"runs_dir={tmp_path}",
-            "task=file", f"task.file.path={data}", f"task.file.verifier={__name__}:EvenLengthVerifier",
+            "task=file", f"task.file.path={data}", f"task.file.verifier={PLUGINS}:EvenLengthVerifier",
             "task.eval_size=4", "rl.prompts_per_step=4", "rollout.n=4", "learner.batch_size=16",
             "learner.micro_batch_size=16", "rollout.kv_cache_gib=0.5", "rollout.temperature=1.5",
             "learner.lr=1e-2", "corpus_docs=40"]

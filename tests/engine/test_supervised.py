@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import DEMO_STAGES
 from engine.config import compose_config
 from engine.metrics import read_metrics
 
@@ -24,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 COMMON = ["experiment=arith_tiny", "progress=false"]
-# The demo's own stages (engine.cli.DEMO_STAGES), so this test guards what `make demo` shows.
-PRETRAIN = ["stage=pretrain", *DEMO_STAGES[0][1]]
-SFT = ["stage=sft", *DEMO_STAGES[1][1]]
+PRETRAIN = ["stage=pretrain", "steps=1000", "learner.lr=3e-3", "learner.warmup_steps=30", "eval_every=250"]
+SFT = ["stage=sft", "steps=200", "learner.lr=3e-4", "learner.warmup_steps=10", "eval_every=50"]
 # Measured here (seed 0): held-out accuracy 0.47 after pretrain, 0.52 after SFT (0.59 at step 150).
 ACCURACY_FLOOR = 0.35
 
@@ -43,7 +41,7 @@ def pipeline(ray_local, tmp_path_factory):
 
 def test_pretrain_lowers_loss(pipeline) -> None:
     pre, _ = pipeline
-    losses = [r["learner/loss"] for r in read_metrics(pre.run_dir / "metrics.jsonl")]
+    losses = [r["learner/loss"] for r in read_metrics(pre.run_dir / "metrics.jsonl") if "learner/loss" in r]
     assert len(losses) == pre.steps
     # Random init over a ~500-token vocabulary starts near ln(500) ≈ 6.2 nats/token; packed
     # addition documents are mostly predictable text (measured here: 1.02 after 1000 steps), so the
@@ -83,7 +81,7 @@ def _assay(args: list[str], runs: Path) -> subprocess.Popen:
 
 
 def _losses(path: Path) -> dict[int, float]:
-    return {r["step"]: r["learner/loss"] for r in read_metrics(path)}
+    return {r["step"]: r["learner/loss"] for r in read_metrics(path) if "learner/loss" in r}
 
 
 def test_kill_and_resume_reproduces_losses(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.tasks import ArithmeticConfig, FileConfig, Task, TaskConfig, TaskSource, load_task_source
-from engine.tasks.arithmetic import ArithmeticSource, evaluate
+from engine.tasks.arithmetic import ArithmeticSource, carry_free_sum, evaluate
 from engine.tasks.files import FileSource, TaskFileError
 
 # ---------------------------------------------------------------- arithmetic
@@ -50,6 +51,57 @@ def test_demonstrations_satisfy_the_math_verifier():
     for task in ArithmeticSource(digits=2, operands=3, operators="+-*", seed=2, eval_size=4).sample(40):
         assert verifier.verify(task.meta["response"], task).score == 1.0, task
         assert verifier.verify(f"Answer: {int(task.reference) + 1}", task).score == 0.0, task
+
+
+@pytest.mark.parametrize(("expression", "value"), [("47+85", 22), ("99+99", 88), ("10+20", 30), ("5+5+5", 5),
+                                                   ("123+0", 123)])
+def test_carry_free_sum_by_hand(expression, value):
+    assert carry_free_sum(expression) == value
+
+
+def test_reversed_answers_are_zero_padded_and_least_significant_first():
+    source = ArithmeticSource(digits=2, operands=2, operators="+", seed=0, eval_size=8, answer_format="reversed")
+    for task in source.sample(200) + source.eval_tasks(8):
+        a, b = (int(x) for x in task.meta["expression"].split("+"))
+        assert task.reference == f"{a + b:03d}"[::-1]  # 47+85=132 -> "231"; 10+20=30 -> "030"
+        assert task.meta["response"] == f"\\boxed{{{task.reference}}}"
+    three = ArithmeticSource(digits=1, operands=3, operators="+", eval_size=4, answer_format="reversed")
+    assert all(len(t.reference) == 2 for t in three.sample(20))  # widest sum 27: two digits
+
+
+def test_a_flawed_teacher_drops_carries_at_the_configured_rate_and_the_reference_stays_right():
+    from verifiers.registry import load
+
+    verifier = load("math")
+    source = ArithmeticSource(digits=2, operands=2, operators="+", seed=0, eval_size=8, answer_format="reversed",
+                              teacher_accuracy=0.4)
+    tasks = source.sample(2000)
+    right = 0
+    for task in tasks:
+        a, b = (int(x) for x in task.meta["expression"].split("+"))
+        assert task.reference == f"{a + b:03d}"[::-1]
+        shown = task.meta["response"].removeprefix("\\boxed{").removesuffix("}")
+        assert shown in (task.reference, f"{carry_free_sum(task.meta['expression']):03d}"[::-1])
+        right += verifier.verify(task.meta["response"], task).score == 1.0
+    # 40% chosen right, and a carry-free sum is right anyway when no column carries (~30% of 2-digit sums)
+    assert 0.52 < right / len(tasks) < 0.64
+    assert all(t.meta["response"] == f"\\boxed{{{t.reference}}}" for t in source.eval_tasks(8))
+    assert ArithmeticSource(digits=2, operands=2, operators="+", seed=0, eval_size=8, answer_format="reversed",
+                            teacher_accuracy=0.4).sample(50) == tasks[:50]  # seeded
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"answer_format": "roman"}, "answer_format='roman'"),
+        ({"answer_format": "reversed", "operators": "+-"}, "answer_format=reversed is defined for addition only"),
+        ({"teacher_accuracy": 0.5, "operators": "+*"}, "teacher_accuracy=0.5 is defined for addition only"),
+        ({"teacher_accuracy": 1.5, "operators": "+"}, "teacher_accuracy=1.5: expected a fraction"),
+    ],
+)
+def test_answer_format_and_teacher_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ArithmeticSource(**kwargs)
 
 
 def test_arithmetic_difficulty_knobs():

@@ -97,9 +97,10 @@ def test_tiny_top_p_is_greedy(worker):
 
 
 def test_max_tokens_is_capped_by_max_model_len(model_dir):
-    worker = RolloutWorker(RolloutConfig(backend="hf", max_model_len=8), model_dir)
+    worker = RolloutWorker(RolloutConfig(backend="hf", max_model_len=12), model_dir)
     r = worker.generate(make_tasks()[:1], n=1, sampling=Sampling(temperature=0.0, max_tokens=50))[0]
-    assert len(r.prompt_ids) + len(r.response_ids) == 8 and r.finish_reason == "length"
+    assert len(r.prompt_ids) == 8  # "What", " is", " ", "3", "+", "4", "?", "\n"
+    assert len(r.prompt_ids) + len(r.response_ids) == 12 and r.finish_reason == "length"
 
 
 def test_prompt_errors_name_the_task(worker):

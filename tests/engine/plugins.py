@@ -1,0 +1,45 @@
+"""Verifiers for the engine's loop tests, loaded by the verifier pool as `tests.engine.plugins:Class`.
+
+A tiny random policy never solves arithmetic, so these reward what it does produce; the module stays
+light (no torch) because the pool's process workers import it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from verifiers.base import Verdict
+
+PATH = "tests.engine.plugins"
+
+
+class EvenLengthVerifier:
+    """1.0 for a response with an even number of characters: about half of a random policy's samples
+    earn it, so every group has mixed rewards and the policy really moves."""
+
+    name = "even_length"
+
+    def verify(self, response: str, task: object) -> Verdict:
+        even = len(response) % 2 == 0
+        return Verdict(1.0 if even else 0.0, "even" if even else "odd")
+
+
+class SlowOddVerifier:
+    """1.0 for every response, but one with an odd number of characters first sleeps far past the
+    pool's timeout: any reward below 1 is a timeout scored 0."""
+
+    name = "slow_odd"
+
+    def verify(self, response: str, task: object) -> Verdict:
+        if len(response) % 2:
+            time.sleep(60.0)
+        return Verdict(1.0, "judged")
+
+
+class AlwaysRight:
+    """Scores every response 1.0: held-out accuracy is 1.0 at the first evaluation."""
+
+    name = "always_right"
+
+    def verify(self, response: str, task: object) -> Verdict:
+        return Verdict(1.0, "accepted")
