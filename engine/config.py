@@ -59,6 +59,20 @@ class RLConfig:
     """Prompts P per RL step; each is sampled `rollout.n` (G) times, so a step trains on P×G responses."""
     verifier_actors: int = 1
     """Ray actors holding a verifier pool each (`verifier.workers` processes per actor)."""
+    dynamic_sampling: bool = False
+    """DAPO: keep only groups whose G rewards are not all equal, drawing more prompts (up to
+    `max_sample_rounds` generation rounds) until `prompts_per_step` groups are kept."""
+    max_sample_rounds: int = 3
+    """With `dynamic_sampling`: most generation rounds per step, the first included. A step that
+    cannot fill its batch trains on the largest multiple of `learner.batch_size` it has (or skips the
+    update when that is none) and says so."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: over the last N tokens before `rollout.max_tokens` the reward
+    falls linearly by up to `overlong_penalty` (0: off)."""
+    overlong_penalty: float = 1.0
+    """The penalty at `rollout.max_tokens` (see `overlong_buffer`)."""
+    mask_truncated: bool = False
+    """Leave responses cut at `rollout.max_tokens` out of the loss and the group statistics."""
 
 
 @dataclass
@@ -122,7 +136,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 # Fields that must be positive integers.
 POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
-            "rl.prompts_per_step", "rl.verifier_actors", "learner.batch_size", "learner.micro_batch_size")
+            "rl.prompts_per_step", "rl.verifier_actors", "rl.max_sample_rounds", "learner.batch_size", "learner.micro_batch_size")
 
 
 def register_configs() -> None:
@@ -162,6 +176,9 @@ def validate(cfg: AssayConfig) -> None:
     if cfg.stage == "rl" and rl_batch % cfg.learner.batch_size:
         raise ConfigError(f"rl.prompts_per_step × rollout.n = {cfg.rl.prompts_per_step} × {cfg.rollout.n} = {rl_batch} "
                           f"sequences per RL step must be a multiple of learner.batch_size ({cfg.learner.batch_size})")
+    if not 0 <= cfg.rl.overlong_buffer <= cfg.rollout.max_tokens:
+        raise ConfigError(f"rl.overlong_buffer={cfg.rl.overlong_buffer} is not allowed; expected 0 (off) up to "
+                          f"rollout.max_tokens ({cfg.rollout.max_tokens})")
     try:
         validate_learner(cfg.learner, cfg.cluster.learners)
     except ValueError as err:

@@ -41,7 +41,7 @@ def write_report(out_dir: Path, stages: list[tuple[Path, float]]) -> Path:
                            + (f" (first {acc[0][1]:.3f})" if len(acc) > 1 else ""))
         table[stage_dir.name] = {"accuracy": acc[-1][1] if acc else None,
                                  "sampled_accuracy": sampled[-1][1] if sampled else None, "seconds": seconds}
-        offset += records[-1]["step"] if records else 0
+        offset += int(records[-1]["step"]) if records else 0
     ax_loss.set(title="training loss (NLL)", xlabel="step (stages back to back)", yscale="log")
     ax_acc.set(title="held-out accuracy and RL reward", xlabel="step (stages back to back)", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):

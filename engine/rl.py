@@ -3,10 +3,11 @@
     tasks -> RolloutGroup (G responses each) -> verifier actors (a Verdict each) -> advantages
           -> LearnerGroup.train_rl_step -> weights published to the rollout actors -> metrics
 
-Every algorithm difference is a table entry picked by config (`rl.advantage` in
-`learner.algos.ADVANTAGES`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`), never
-an `if algo == ...` here. Samples a verifier cannot judge (`score=None`) are dropped: their tokens
-leave `loss_mask` and their reward is left out of the group statistics.
+Every algorithm difference is a table entry or a number picked by config (`rl.advantage` in
+`learner.algos.ADVANTAGES`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`, DAPO's
+`rl.dynamic_sampling` / `rl.overlong_buffer` / `rl.mask_truncated`), never an `if algo == ...` here.
+Samples a verifier cannot judge (`score=None`) are dropped: their tokens leave `loss_mask` and their
+reward is left out of the group statistics.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from engine.ray_cluster import init_ray
 from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
 from engine.scoring import score_on_actors, start_verifier_actors
 from engine.tasks import Task, load_task_source
-from learner.algos import ADVANTAGES
+from learner.algos import ADVANTAGES, informative_groups, overlong_penalty
 from learner.group import LearnerGroup
 from rollout.group import RolloutGroup
 from rollout.types import Response
@@ -51,21 +52,18 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             sink.log(0, evaluate(rollout, scorers, eval_tasks, cfg))
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            tasks = source.sample(cfg.rl.prompts_per_step)
-            responses = rollout.generate(tasks, cfg.rollout.n, sampling_from_config(cfg.rollout, seed=_seed(cfg, step)))
-            t1 = time.perf_counter()
-            rewards = score(scorers, tasks, responses, cfg.rollout.n)  # (P, G)
+            responses, rewards, metrics = collect(source, rollout, scorers, cfg, step)  # rewards (P, G)
             t2 = time.perf_counter()
-            advantages = advantages_of(rewards)  # (P, G); NaN rewards get advantage 0
-            batch = rl_batch(responses, advantages.flatten(), rewards.flatten(), pad_id=0)
-            metrics = learner.train_rl_step(batch)
+            if rewards.numel():
+                advantages = advantages_of(rewards)  # (P, G); NaN rewards get advantage 0
+                batch = rl_batch(responses, advantages.flatten(), rewards.flatten(), pad_id=0)
+                metrics.update(learner.train_rl_step(batch))
             t3 = time.perf_counter()
             metrics.update(rollout.update_weights(learner.state_dict_for_rollout(), version=step + 1))
             t4 = time.perf_counter()
-            metrics.update(rollout_metrics(responses, rewards))
-            metrics.update({"perf/rollout_s": t1 - t0, "perf/verify_s": t2 - t1, "perf/learn_s": t3 - t2,
-                            "perf/sync_s": t4 - t3, "perf/step_s": t4 - t0,
-                            "perf/tokens_per_s": float(batch["loss_mask"].sum()) / (t4 - t0)})
+            tokens = sum(len(r.response_ids) for r in responses)
+            metrics.update({"perf/learn_s": t3 - t2, "perf/sync_s": t4 - t3, "perf/step_s": t4 - t0,
+                            "perf/tokens_per_s": tokens / (t4 - t0)})
             finish_step(step + 1, cfg, metrics, lambda: evaluate(rollout, scorers, eval_tasks, cfg),
                         sink, run_dir, learner, source)
         export = export_final(run_dir, learner, source, cfg.steps)
@@ -76,6 +74,62 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         for actor in scorers:
             actor.close.remote()
     return StageResult(run_dir, export, cfg.steps, metrics)
+
+
+def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayConfig,
+            step: int) -> tuple[list[Response], torch.Tensor, dict[str, float]]:
+    """One step's training groups: responses `P'×G` in group order, shaped rewards `(P', G)` and the
+    rollout metrics. Without `rl.dynamic_sampling` that is one round of `rl.prompts_per_step` prompts;
+    with it, rounds of fresh prompts whose informative groups (rewards not all equal) are kept until
+    `prompts_per_step` are, or `rl.max_sample_rounds` rounds are spent; then P' is the largest
+    count whose samples fill whole minibatches (maybe 0: no update this step). The reward metrics are
+    the first round's, an unfiltered sample of the policy."""
+    n, want = cfg.rollout.n, cfg.rl.prompts_per_step
+    kept: list[tuple[list[Response], torch.Tensor]] = []  # (G responses, (G,) rewards) per kept group
+    metrics: dict[str, float] = {"perf/rollout_s": 0.0, "perf/verify_s": 0.0}
+    rounds = cfg.rl.max_sample_rounds if cfg.rl.dynamic_sampling else 1
+    drawn = informative = 0
+    for round_ in range(rounds):
+        t0 = time.perf_counter()
+        tasks = source.sample(want)
+        sampling = sampling_from_config(cfg.rollout, seed=_seed(cfg, step) + round_ * 7_919_000)
+        responses = rollout.generate(tasks, n, sampling)
+        t1 = time.perf_counter()
+        rewards = shaped(score(scorers, tasks, responses, n), responses, cfg)  # (P, G)
+        metrics["perf/rollout_s"] += t1 - t0
+        metrics["perf/verify_s"] += time.perf_counter() - t1
+        if round_ == 0:
+            metrics.update(rollout_metrics(responses, rewards))
+        keep = informative_groups(rewards) if cfg.rl.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
+        drawn, informative = drawn + len(tasks), informative + int(keep.sum())
+        kept += [(responses[i * n:(i + 1) * n], rewards[i]) for i in range(len(tasks)) if keep[i]]
+        if len(kept) >= want:
+            break
+    usable = min(len(kept), want)
+    while usable * n % cfg.learner.batch_size:  # whole minibatches only
+        usable -= 1
+    if usable < want:
+        print(f"[assay] step {step + 1}: dynamic sampling found {len(kept)} of the {want} groups with mixed rewards "
+              f"in {round_ + 1} rounds (rl.max_sample_rounds); training on {usable}"
+              + ("" if usable else ": no update this step"))
+    if cfg.rl.dynamic_sampling:
+        metrics.update({"rollout/sample_rounds": float(round_ + 1), "rollout/informative_frac": informative / drawn,
+                        "rollout/kept_groups": float(usable)})
+    groups = kept[:usable]
+    responses = [r for group, _ in groups for r in group]
+    return responses, torch.stack([rw for _, rw in groups]) if groups else torch.zeros(0, n), metrics
+
+
+def shaped(rewards: torch.Tensor, responses: list[Response], cfg: AssayConfig) -> torch.Tensor:
+    """Verifier rewards `(P, G)` plus DAPO's overlong penalty; NaN (left out) for truncated samples
+    when `rl.mask_truncated`."""
+    lengths = torch.tensor([len(r.response_ids) for r in responses]).view_as(rewards)
+    rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_tokens, cfg.rl.overlong_buffer,
+                                         cfg.rl.overlong_penalty)
+    if cfg.rl.mask_truncated:
+        cut = torch.tensor([r.finish_reason == "length" for r in responses]).view_as(rewards)
+        rewards = rewards.masked_fill(cut, float("nan"))
+    return rewards
 
 
 def optimizer_steps(cfg: AssayConfig) -> int:

@@ -45,7 +45,7 @@ class VerifierPoolActor:
 
 def start_verifier_actors(cfg: VerifierConfig, count: int = 1) -> list[Any]:
     """`count` pool actors, each with its own `cfg.workers` process workers."""
-    return [VerifierPoolActor.remote(cfg) for _ in range(count)]
+    return [VerifierPoolActor.remote(cfg) for _ in range(count)]  # type: ignore[attr-defined]
 
 
 def score_on_actors(actors: list[Any], items: list[tuple[str, Task]]) -> list[Verdict]:

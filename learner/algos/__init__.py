@@ -9,6 +9,7 @@ this module sees the same entries; a config picks an entry by name.
   advantages, loss_mask, *, ...) -> (loss, metrics)`; the learner's RL call path (the RL-loop issue)
   passes the global `num_tokens` / `num_seqs` they normalise by.
 - `ADVANTAGES` (`grpo`, `dr_grpo`, `rloo`), `AGGREGATIONS`, `KL_ESTIMATORS` (`k1`, `k2`, `k3`).
+- DAPO's reward shaping and group filter: `overlong_penalty`, `informative_groups`.
 """
 
 from learner.algos.advantages import (
@@ -22,12 +23,13 @@ from learner.algos.aggregation import AGGREGATIONS, aggregate
 from learner.algos.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3
 from learner.algos.policy import POLICY_LOSSES, entropy_from_logits, gspo_loss, ppo_clip_loss, token_entropy
 from learner.algos.sft import nll_loss, token_logprobs
+from learner.algos.shaping import informative_groups, overlong_penalty
 
 LOSSES = {"nll": nll_loss}
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "LOSSES", "POLICY_LOSSES", "aggregate",
-    "dr_grpo_advantages", "entropy_from_logits", "group_advantages", "gspo_loss", "kl_k1", "kl_k2",
-    "kl_k3", "nll_loss", "ppo_clip_loss", "rloo_advantages", "token_advantages", "token_entropy",
+    "dr_grpo_advantages", "entropy_from_logits", "group_advantages", "gspo_loss", "informative_groups", "kl_k1",
+    "kl_k2", "kl_k3", "nll_loss", "overlong_penalty", "ppo_clip_loss", "rloo_advantages", "token_advantages", "token_entropy",
     "token_logprobs",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from verifiers.base import Verdict
+from verifiers.base import Task, Verdict
 
 PATH = "tests.engine.plugins"
 
@@ -43,3 +43,15 @@ class AlwaysRight:
 
     def verify(self, response: str, task: object) -> Verdict:
         return Verdict(1.0, "accepted")
+
+
+class OddReferenceUnsolvable:
+    """0.0 for every response to a task whose reference is odd (its group's rewards are all equal:
+    uninformative), the even-length rule otherwise (mixed groups)."""
+
+    name = "odd_reference_unsolvable"
+
+    def verify(self, response: str, task: Task) -> Verdict:
+        if int(task.reference) % 2:
+            return Verdict(0.0, "unsolvable")
+        return EvenLengthVerifier().verify(response, task)

@@ -225,3 +225,74 @@ def test_synced_rollout_logprobs_match_the_learner(trained_learner, tiny_model, 
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     start_logprobs = token_logprobs(start, batch["input_ids"])  # (B, T)
     assert float((start_logprobs[mask] - batch["rollout_logprobs"][mask]).abs().max()) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def half_unsolvable_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prompts whose references alternate odd/even: `OddReferenceUnsolvable` gives the odd half groups of
+    all-equal rewards."""
+    path = tmp_path_factory.mktemp("dapo_data") / "prompts.jsonl"
+    rows = ({"prompt": f"What is {i}+0?\n", "answer": str(i), "response": str(i)} for i in range(40))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_dapo_dynamic_sampling_back_fills_with_two_learners(ray_local, half_unsolvable_file, tiny_model,
+                                                            tmp_path) -> None:
+    from engine.cli import run_stage
+    from engine.config import compose_config
+    from engine.metrics import read_metrics
+
+    args = [*_file_run_args(half_unsolvable_file, tiny_model, tmp_path, "OddReferenceUnsolvable"), "algo=dapo",
+            "steps=2", "rl.max_sample_rounds=6", "cluster.learners=2", "learner.micro_batch_size=8"]
+    result = run_stage(compose_config(args))
+    records = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
+    for step in (1, 2):
+        r = records[step]
+        assert r["rollout/kept_groups"] == 4  # back-filled to rl.prompts_per_step
+        assert r["learner/grad_norm"] > 0 and r["learner/clip_frac_high"] >= 0.0
+    # ~half the groups are all-zero: filling 4 mixed groups takes more than one round of 4 prompts
+    assert max(records[s]["rollout/sample_rounds"] for s in (1, 2)) >= 2
+    assert records[2]["rollout/weight_version"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_dapo_that_cannot_fill_its_batch_says_so_and_skips_the_update(ray_local, prompts_file, tiny_model,
+                                                                      tmp_path, capsys) -> None:
+    from engine.cli import run_stage
+    from engine.config import compose_config
+    from engine.metrics import read_metrics
+
+    args = [*_file_run_args(prompts_file, tiny_model, tmp_path, "AlwaysRight"), "algo=dapo", "steps=1",
+            "rl.max_sample_rounds=2", "rl.overlong_buffer=0"]  # without shaping every group is all 1.0
+    result = run_stage(compose_config(args))
+    assert "found 0 of the 4 groups with mixed rewards in 2 rounds" in capsys.readouterr().out
+    step = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}[1]
+    assert step["rollout/kept_groups"] == 0 and step["rollout/sample_rounds"] == 2
+    assert step["rollout/informative_frac"] == 0.0 and "learner/loss" not in step
+    assert step["rollout/weight_version"] == 1 and (result.export_dir / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.parametrize("algo", ["dr_grpo", "rloo"])
+def test_two_steps_of_each_algo_with_two_learners(ray_local, prompts_file, tiny_model, tmp_path, algo) -> None:
+    """`algo=grpo` runs in tests/engine/test_rl.py and `algo=dapo` above, both with 2 learners."""
+    from engine.cli import run_stage
+    from engine.config import compose_config
+    from engine.metrics import read_metrics
+
+    args = [*_file_run_args(prompts_file, tiny_model, tmp_path, "EvenLengthVerifier"), f"algo={algo}", "steps=2",
+            "cluster.learners=2", "learner.micro_batch_size=8"]
+    result = run_stage(compose_config(args))
+    records = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
+    for step in (1, 2):
+        assert 0.0 < records[step]["rollout/reward_mean"] < 1.0 and records[step]["learner/grad_norm"] > 0
+        assert records[step]["learner/logprob_diff"] < 1e-4
+    assert records[2]["rollout/weight_version"] == 2
