@@ -24,11 +24,10 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from engine.tasks.base import TaskConfig
+from engine.tasks.base import TaskConfig, check_answer_knobs
 from verifiers.base import Task
 
 OPERATORS = "+-*"
-ANSWER_FORMATS = ("answer", "boxed", "reversed")
 
 
 def evaluate(expression: str) -> int:
@@ -62,15 +61,7 @@ class ArithmeticSource:
             raise ValueError(
                 f"task.arithmetic.operators={operators!r}: expected a non-empty subset of {OPERATORS!r}"
             )
-        if answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"task.arithmetic.answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}")
-        if not 0.0 <= teacher_accuracy <= 1.0:
-            raise ValueError(f"task.arithmetic.teacher_accuracy={teacher_accuracy}: expected a fraction in [0, 1]")
-        for knob, used in (("answer_format=reversed", answer_format == "reversed"),
-                           (f"teacher_accuracy={teacher_accuracy}", teacher_accuracy < 1.0)):
-            if used and set(operators) != {"+"}:
-                raise ValueError(f"task.arithmetic.{knob} is defined for addition only: set operators='+' "
-                                 f"(got {operators!r})")
+        check_answer_knobs(operators, answer_format, teacher_accuracy)
         self.answer_format = answer_format
         self.teacher_accuracy = teacher_accuracy
         self.width = len(str(operands * (10**digits - 1)))  # digits of the largest possible sum

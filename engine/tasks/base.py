@@ -74,6 +74,25 @@ class ArithmeticConfig:
     """Fraction of training demonstrations that are right; the others drop every carry (a flawed
     teacher: `47+85` -> `22`). Addition only; the reference the verifier checks is always right."""
 
+    def __post_init__(self) -> None:
+        check_answer_knobs(self.operators, self.answer_format, self.teacher_accuracy)
+
+
+ANSWER_FORMATS = ("answer", "boxed", "reversed")
+
+
+def check_answer_knobs(operators: str, answer_format: str, teacher_accuracy: float) -> None:
+    """Raise `ValueError` naming the `task.arithmetic.*` field when the answer knobs cannot be used."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"task.arithmetic.answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}")
+    if not 0.0 <= teacher_accuracy <= 1.0:
+        raise ValueError(f"task.arithmetic.teacher_accuracy={teacher_accuracy}: expected a fraction in [0, 1]")
+    for knob, used in (("answer_format=reversed", answer_format == "reversed"),
+                       (f"teacher_accuracy={teacher_accuracy}", teacher_accuracy < 1.0)):
+        if used and set(operators) != {"+"}:
+            raise ValueError(f"task.arithmetic.{knob} is defined for addition only: set operators='+' "
+                             f"(got {operators!r})")
+
 
 @dataclass
 class FileConfig:

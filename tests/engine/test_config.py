@@ -83,6 +83,11 @@ def test_wrong_type_names_key() -> None:
         ("cluster.placement=spread", "colocated, split"),
         ("rollout.num_workers=0", "rollout.num_workers must be a positive integer"),
         ("rollout.backend=sglang", "rollout.backend"),
+        ("rl.overlong_buffer=99", "rl.overlong_buffer=99 is not allowed; expected 0 (off) up to rollout.max_tokens"),
+        ("rl.max_sample_rounds=0", "rl.max_sample_rounds=0 is not allowed; expected a positive integer"),
+        ("learner.threads=0", "LearnerConfig.threads: expected a positive integer"),
+        ("rollout.threads=0", "rollout.threads must be a positive integer"),
+        ("task.arithmetic.answer_format=roman", "answer_format='roman'"),
     ],
 )
 def test_invalid_values_name_what_is_allowed(override: str, expected: str) -> None:
