@@ -48,7 +48,11 @@ class ClusterConfig:
     num_cpus: int | None = None
     """CPUs for a local Ray instance (`None`: all of this machine's)."""
     placement: str = "colocated"
-    """`colocated` (learner and rollout share devices) or `split` (disjoint devices)."""
+    """Where the RL stage's actors go (`engine.placement`): `colocated` (learners and rollout actors
+    packed on one node, sharing its devices) or `split` (learners on one node, rollout on another)."""
+    placement_timeout_s: float = 120.0
+    """Seconds the RL stage waits for Ray to reserve its placement group before failing with what it
+    asked for and which nodes there are (raise it when an autoscaler has to add nodes)."""
 
 
 @dataclass

@@ -72,6 +72,13 @@ class ModelConfig:
     """Target size of the byte-level BPE vocabulary (256 byte tokens + specials + merges). The model's
     embedding has exactly as many rows as the trained tokenizer has tokens, which can be fewer."""
 
+    split_digits: bool = True
+    """Tokenize every digit on its own (as Llama's and DeepSeek's tokenizers do), so place-value
+    arithmetic is learnable digit by digit. `false` lets BPE merge digit runs: whole 2-digit numbers
+    become single tokens, which a 0.1 M-parameter model memorises into a lookup table faster (measured:
+    held-out 2-digit addition after pretrain + SFT, 0.58 merged against 0.09 split) but which does not
+    carry over to longer numbers."""
+
     tie_word_embeddings: bool = True
     """Share the input embedding and the output projection (halves the parameters of a tiny model)."""
 
@@ -134,10 +141,10 @@ def _head_hint(hidden_size: int) -> str:
     return f" (e.g. num_heads={fits[0][0]} for head_dim {fits[0][1]})" if fits else ""
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, split_digits: bool = True) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `corpus` (deterministic for a given corpus).
 
-    Every byte is in the alphabet, so any text encodes; digits are never merged (each is one token);
+    Every byte is in the alphabet, so any text encodes; with `split_digits` digits are never merged;
     `<|endoftext|>` is eos, pad and bos, and is never added by `encode` (callers append eos where a
     document ends).
     """
@@ -145,10 +152,12 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([  # one token per digit, as Llama's and DeepSeek's tokenizers
-        pre_tokenizers.Digits(individual_digits=True),  # do: place-value arithmetic stays learnable
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -243,7 +252,7 @@ def prepare_model_dir(cfg: ModelConfig, corpus: Iterable[str], out_dir: Path) ->
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+        tokenizer = train_tokenizer(corpus, cfg.vocab_size, cfg.split_digits)
         model = build_tiny_model(cfg, tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -13,6 +13,7 @@ reward is left out of the group statistics.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from engine.config import AssayConfig
 from engine.metrics import MetricsSink
+from engine.placement import place
 from engine.ray_cluster import init_ray
 from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
 from engine.scoring import score_on_actors, start_verifier_actors
@@ -37,17 +39,25 @@ def run_rl(cfg: AssayConfig) -> StageResult:
     source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
     model_dir = str(starting_model(cfg, source))
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-    learner = LearnerGroup(cfg.learner, model_dir, cfg.cluster.learners, total_steps=optimizer_steps(cfg))
-    rollout = RolloutGroup(cfg.rollout, model_dir)
-    scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors)
-    start = resume(resume_from, learner, source) if resume_from is not None else 0
-    if start:  # the rollout actors load the resumed weights
-        rollout.update_weights(learner.state_dict_for_rollout(), version=start)
-    advantages_of = ADVANTAGES[cfg.rl.advantage]
-    eval_tasks = source.eval_tasks(cfg.task.eval_size)
-    sink = MetricsSink(run_dir, cfg.steps, start_step=start, progress=cfg.progress)
     metrics: dict[str, float] = {}
-    try:
+    with ExitStack() as cleanup:  # every part started is stopped, in reverse order, whatever happens
+        placement = place(cfg)  # cluster.placement: where the learners and rollout actors go
+        cleanup.callback(placement.remove)
+        learner = LearnerGroup(cfg.learner, model_dir, cfg.cluster.learners, total_steps=optimizer_steps(cfg),
+                               actor_options=placement.learner_options)
+        cleanup.callback(learner.shutdown)
+        rollout = RolloutGroup(cfg.rollout, model_dir, actor_options=placement.rollout_options)
+        cleanup.callback(rollout.shutdown)
+        placement.record(run_dir, learner.actors, rollout.actors)
+        scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors)
+        cleanup.callback(lambda: [actor.close.remote() for actor in scorers])
+        start = resume(resume_from, learner, source) if resume_from is not None else 0
+        if start:  # the rollout actors load the resumed weights
+            rollout.update_weights(learner.state_dict_for_rollout(), version=start)
+        advantages_of = ADVANTAGES[cfg.rl.advantage]
+        eval_tasks = source.eval_tasks(cfg.task.eval_size)
+        sink = cleanup.enter_context(closing(MetricsSink(run_dir, cfg.steps, start_step=start,
+                                                         progress=cfg.progress)))
         if start == 0:  # the baseline the curves start from
             sink.log(0, evaluate(rollout, scorers, eval_tasks, cfg))
         for step in range(start, cfg.steps):
@@ -67,12 +77,6 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             finish_step(step + 1, cfg, metrics, lambda: evaluate(rollout, scorers, eval_tasks, cfg),
                         sink, run_dir, learner, source)
         export = export_final(run_dir, learner, source, cfg.steps)
-    finally:
-        sink.close()
-        learner.shutdown()
-        rollout.shutdown()
-        for actor in scorers:
-            actor.close.remote()
     return StageResult(run_dir, export, cfg.steps, metrics)
 
 

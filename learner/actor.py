@@ -38,6 +38,10 @@ class LearnerActor:
         """Returns once the constructor (process group, model, DeepSpeed engine) has finished."""
         return True
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (`engine.placement` records it)."""
+        return ray.get_runtime_context().get_node_id()
+
     def train_step(self, batch: dict[str, Tensor], num_tokens: int) -> dict[str, float]:
         return self.worker.train_step(batch, num_tokens)
 

@@ -35,6 +35,10 @@ class RolloutActor:
         """Returns, once the backend is up, the seconds its start-up took."""
         return self.worker.startup_s
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (`engine.placement` records it)."""
+        return ray.get_runtime_context().get_node_id()
+
     def generate(self, tasks: list[Task], n: int, sampling: Sampling) -> list[Response]:
         return self.worker.generate(tasks, n, sampling)
 

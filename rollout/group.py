@@ -9,6 +9,7 @@ split does not change what is sampled.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import ray
 import torch
@@ -36,11 +37,24 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 class RolloutGroup:
     """The rollout side of the loop: generation across actors, weight publication to all of them."""
 
-    def __init__(self, cfg: RolloutConfig, model_dir: str, num_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        model_dir: str,
+        num_workers: int | None = None,
+        actor_options: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """`actor_options[i]` is passed to `RolloutActor.options(...)` for actor i besides `num_gpus`
+        (placement-group scheduling strategy, resources, ...)."""
         self.cfg = cfg
         self.num_workers = num_workers or cfg.num_workers
+        if actor_options is not None and len(actor_options) != self.num_workers:
+            raise ValueError(
+                f"RolloutGroup: actor_options has {len(actor_options)} entries, expected {self.num_workers}"
+            )
+        options = actor_options or [{} for _ in range(self.num_workers)]
         self.actors = [
-            RolloutActor.options(num_gpus=cfg.gpus_per_worker).remote(  # type: ignore[attr-defined]
+            RolloutActor.options(num_gpus=cfg.gpus_per_worker, **options[rank]).remote(  # type: ignore[attr-defined]
                 cfg, str(model_dir), rank
             )
             for rank in range(self.num_workers)

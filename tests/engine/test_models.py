@@ -48,6 +48,8 @@ def test_tokenizer_encodes_any_text_and_adds_no_special_tokens():
     assert len(tokenizer.encode("What is 3+4?\nAnswer: 7")) < len(b"What is 3+4?\nAnswer: 7")
     # ...but never merges digits: place-value arithmetic sees one token per digit
     assert tokenizer.tokenize("1234+56") == ["1", "2", "3", "4", "+", "5", "6"]
+    merged = train_tokenizer(CORPUS, vocab_size=300, split_digits=False)
+    assert len(merged.tokenize("What is 12+7?")) < len(tokenizer.tokenize("What is 12+7?"))
 
 
 def test_round_trip_through_save_and_from_pretrained(model_dir):
