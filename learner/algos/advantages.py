@@ -18,6 +18,12 @@ take per-token values and rewards instead and will get their own function and ta
 - `rloo`: r_i minus the mean of the OTHER G - 1 rewards, which equals G / (G - 1) * (r_i - mean).
   Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
   Human Feedback in LLMs" (https://arxiv.org/abs/2402.14740).
+- `reinforce_pp`: REINFORCE++ without a critic, Hu 2025 (https://arxiv.org/abs/2501.03262): the
+  baseline is the mean reward of the whole batch and advantages are whitened by the batch std, so no
+  group structure is needed (our loop has no per-token KL reward yet: the outcome is the return).
+- `reinforce_pp_baseline`: the group-sampling variant of the same paper (OpenRLHF's
+  "reinforce_baseline"): r - group mean, divided by the std of those values over the whole batch,
+  which avoids GRPO's per-group std (difficulty) bias while keeping the scale stable.
 
 Departures from the papers:
 - A group whose rewards are all equal (or that has fewer than two valid rewards) gets advantage
@@ -92,10 +98,36 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return centred * count / (count - 1).clamp(min=1)  # (P, G)
 
 
+def _batch_whiten(values: Tensor, valid: Tensor, eps: float, centre: bool) -> Tensor:
+    """`values` (P, G) divided by their unbiased std over the valid entries of the whole batch (minus
+    their batch mean first when `centre`); invalid entries and a batch without spread give 0."""
+    count = valid.sum().clamp(min=1)
+    filled = torch.where(valid, values, torch.zeros_like(values))
+    mean = filled.sum() / count if centre else torch.zeros((), dtype=values.dtype)
+    dev = torch.where(valid, values - mean, torch.zeros_like(values))
+    std = (dev.square().sum() / (count - 1).clamp(min=1)).sqrt()
+    return dev / (std + eps) if std > 0 else torch.zeros_like(values)
+
+
+def reinforce_pp_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++: (r - batch mean) / (batch std + eps), (P, G) -> (P, G); NaN rewards get 0."""
+    _check_rewards(rewards, "reinforce_pp_advantages")
+    return _batch_whiten(rewards, ~torch.isnan(rewards), eps, centre=True)
+
+
+def reinforce_pp_baseline_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++-baseline: (r - group mean) / (batch std of those + eps), (P, G) -> (P, G)."""
+    _check_rewards(rewards, "reinforce_pp_baseline_advantages")
+    _, centred, _ = _group_stats(rewards)  # each group's centred values sum to 0: the batch mean is 0
+    return _batch_whiten(centred, ~torch.isnan(rewards), eps, centre=False)
+
+
 ADVANTAGES: dict[str, AdvantageFn] = {
     "grpo": group_advantages,
     "dr_grpo": dr_grpo_advantages,
     "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
 }
 
 

@@ -281,7 +281,7 @@ def test_dapo_that_cannot_fill_its_batch_says_so_and_skips_the_update(ray_local,
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-@pytest.mark.parametrize("algo", ["dr_grpo", "rloo"])
+@pytest.mark.parametrize("algo", ["dr_grpo", "rloo", "reinforce_pp"])
 def test_two_steps_of_each_algo_with_two_learners(ray_local, prompts_file, tiny_model, tmp_path, algo) -> None:
     """`algo=grpo` runs in tests/engine/test_rl.py and `algo=dapo` above, both with 2 learners."""
     from engine.cli import run_stage

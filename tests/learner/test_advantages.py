@@ -41,6 +41,9 @@ def test_zero_variance_groups_give_zero_not_nan() -> None:
     for name, fn in ADVANTAGES.items():
         adv = fn(rewards)
         assert not torch.isnan(adv).any(), name
+        if name == "reinforce_pp":  # its baseline is the batch mean: a solved group is above it
+            assert bool((adv[0] > 0).all() and (adv[1] < 0).all()), name
+            continue
         assert bool((adv[:2] == 0).all()), name
         assert bool((adv[2] != 0).all()), name  # the mixed group still gets a signal
     # eps = 0 would be 0 / 0 for a plain formula; 0.1 has no exact float, so its mean may not be 0.1
@@ -105,3 +108,32 @@ def test_table_entries_take_rewards_only() -> None:
         torch.testing.assert_close(
             ADVANTAGES[name](rewards), torch.tensor([[value, -value]]), atol=1e-5, rtol=0
         )
+
+
+def test_reinforce_pp_hand_derived() -> None:
+    from learner.algos.advantages import reinforce_pp_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    # batch mean 5/8; squared deviations sum 7.875, unbiased var 7.875 / 7 = 1.125, std 1.0606602
+    dev = rewards - 0.625
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, eps=0.0), dev / 1.0606602)
+    # a NaN is left out of the batch statistics and gets 0: the mean of (1, 0, 3) is 4/3
+    got = reinforce_pp_advantages(torch.tensor([[1.0, NAN], [0.0, 3.0]]), eps=0.0)
+    std = math.sqrt(((1 - 4 / 3) ** 2 + (4 / 3) ** 2 + (3 - 4 / 3) ** 2) / 2)
+    torch.testing.assert_close(got, torch.tensor([[(1 - 4 / 3) / std, 0.0], [-4 / 3 / std, (3 - 4 / 3) / std]]))
+    assert torch.equal(reinforce_pp_advantages(torch.ones(2, 3)), torch.zeros(2, 3))  # no spread: 0
+
+
+def test_reinforce_pp_baseline_hand_derived() -> None:
+    from learner.algos.advantages import reinforce_pp_baseline_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0]])
+    # centred by group: (0.5, -0.5, -0.5, 0.5) and (-0.75 x3, 2.25); their squares sum to 1 + 1.6875 +
+    # 5.0625 = 7.75 over the batch, unbiased var 7.75 / 7, std 1.0522085
+    centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [-0.75, -0.75, -0.75, 2.25]])
+    torch.testing.assert_close(reinforce_pp_baseline_advantages(rewards, eps=0.0), centred / 1.0522085)
+    # an all-equal group stays 0 but still counts in the batch std
+    got = reinforce_pp_baseline_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), eps=0.0)
+    std = math.sqrt((0.25 + 0.25) / 3)
+    torch.testing.assert_close(got, torch.tensor([[0.5 / std, -0.5 / std], [0.0, 0.0]]))
+    assert {"reinforce_pp", "reinforce_pp_baseline"} <= set(ADVANTAGES)
