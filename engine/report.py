@@ -18,35 +18,39 @@ def write_report(out_dir: Path, stages: list[tuple[Path, float]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_rl) = plt.subplots(1, 3, figsize=(16, 4.5))
     offset = 0
     summary = []
     table: dict[str, dict[str, float | None]] = {}
     for stage_dir, seconds in stages:
         records = read_metrics(stage_dir / "metrics.jsonl")
         loss = [(r["step"] + offset, r["learner/loss"]) for r in records if "learner/nll_sum" in r]  # NLL stages
-        reward = [(r["step"] + offset, r["rollout/reward_mean"]) for r in records if "rollout/reward_mean" in r]
-        acc = [(r["step"] + offset, r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
-        sampled = [(r["step"] + offset, r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
+        reward = [(r["step"], r["rollout/reward_mean"]) for r in records if "rollout/reward_mean" in r]
+        acc = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
+        sampled = [(r["step"], r["eval/pass@1"]) for r in records if "eval/pass@1" in r]
         if loss:
             ax_loss.plot(*zip(*loss), label=stage_dir.name)
-        if reward:
-            ax_acc.plot(*zip(*reward), alpha=0.5, label=f"{stage_dir.name} train reward")
-        if sampled:
-            ax_acc.plot(*zip(*sampled), marker="x", linestyle="--", label=f"{stage_dir.name} held-out pass@1 (sampled)")
         if acc:
-            ax_acc.plot(*zip(*acc), marker="o", label=f"{stage_dir.name} held-out (greedy)")
+            ax_acc.plot(*zip(*[(s + offset, a) for s, a in acc]), marker="o", markersize=3, label=stage_dir.name)
             final_loss = f"final loss {loss[-1][1]:.3f}, " if loss else ""
             summary.append(f"{stage_dir.name}: {final_loss}held-out accuracy {acc[-1][1]:.3f}"
                            + (f" (first {acc[0][1]:.3f})" if len(acc) > 1 else ""))
+        if reward:  # an RL stage: its own panel, over its own steps
+            ax_rl.plot(*zip(*reward), alpha=0.6, label=f"{stage_dir.name}: train reward")
+            if acc:
+                ax_rl.plot(*zip(*acc), marker="o", label=f"{stage_dir.name}: held-out greedy")
+            if sampled:
+                ax_rl.plot(*zip(*sampled), marker="x", linestyle="--", label=f"{stage_dir.name}: held-out sampled")
         table[stage_dir.name] = {"accuracy": acc[-1][1] if acc else None,
                                  "sampled_accuracy": sampled[-1][1] if sampled else None, "seconds": seconds}
         offset += int(records[-1]["step"]) if records else 0
     ax_loss.set(title="training loss (NLL)", xlabel="step (stages back to back)", yscale="log")
-    ax_acc.set(title="held-out accuracy and RL reward", xlabel="step (stages back to back)", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    ax_acc.set(title="held-out greedy accuracy", xlabel="step (stages back to back)", ylim=(0, 1.02))
+    ax_rl.set(title="RL: reward and held-out accuracy", xlabel="RL step", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc, ax_rl):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = out_dir / "report.png"
     fig.savefig(path, dpi=100)
