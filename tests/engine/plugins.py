@@ -6,7 +6,9 @@ light (no torch) because the pool's process workers import it.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from verifiers.base import Task, Verdict
 
@@ -55,3 +57,10 @@ class OddReferenceUnsolvable:
         if int(task.reference) % 2:
             return Verdict(0.0, "unsolvable")
         return EvenLengthVerifier().verify(response, task)
+
+
+def write_doubling_prompts(path: Path, count: int = 40) -> Path:
+    """A task file of `What is i+i?` prompts (answer `2i`, demonstration `Answer: 2i`) at `path`."""
+    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
+                                        "response": f"Answer: {2 * i}"}) + "\n" for i in range(count)))
+    return path

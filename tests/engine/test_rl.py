@@ -10,6 +10,7 @@ import torch
 from engine.rl import rl_batch, rollout_metrics
 from rollout.types import Response
 from tests.engine.plugins import PATH as PLUGINS
+from tests.engine.plugins import write_doubling_prompts
 
 
 def _response(prompt: list[int], response: list[int], logprobs: list[float], finish: str = "stop") -> Response:
@@ -55,8 +56,6 @@ def test_rollout_metrics_by_hand() -> None:
 @pytest.mark.vllm
 def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
     """Real vLLM rollout actor, verifier pool actor, 2 DeepSpeed learners under ZeRO-2, shm weight sync."""
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.cli import run_stage
@@ -65,10 +64,7 @@ def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
     from learner.algos.sft import token_logprobs
 
     # A random model never solves arithmetic (reward 0 everywhere: no gradient); even-length rewards move it.
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
-                                        "response": f"Answer: {2 * i}"}) + "\n"
-                            for i in range(40)))
+    data = write_doubling_prompts(tmp_path / "prompts.jsonl")
     cfg = compose_config(["experiment=arith_tiny", "stage=rl", "steps=2", "progress=false", f"runs_dir={tmp_path}",
                           "task=file", f"task.file.path={data}", f"task.file.verifier={PLUGINS}:EvenLengthVerifier",
                           "corpus_docs=40", "cluster.learners=2", "learner.zero_stage=2", "rollout.backend=vllm",
@@ -105,16 +101,11 @@ def test_two_rl_steps_end_to_end(ray_local, tmp_path) -> None:
 @pytest.mark.vllm
 def test_rl_resume_reproduces_steps(ray_local, tmp_path) -> None:
     """Resume from the step-2 checkpoint: steps 3-4 sample, score and train exactly as before."""
-    import json
-
     from engine.cli import run_stage
     from engine.config import compose_config
     from engine.metrics import read_metrics
 
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
-                                        "response": f"Answer: {2 * i}"}) + "\n"
-                            for i in range(40)))
+    data = write_doubling_prompts(tmp_path / "prompts.jsonl")
     args = ["experiment=arith_tiny", "stage=rl", "steps=4", "save_every=2", "progress=false", f"runs_dir={tmp_path}",
             "task=file", f"task.file.path={data}", f"task.file.verifier={PLUGINS}:EvenLengthVerifier",
             "task.eval_size=4", "rl.prompts_per_step=4", "rollout.n=4", "learner.batch_size=16",

@@ -17,16 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.engine.plugins import PATH as PLUGINS
+from tests.engine.plugins import write_doubling_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("rl_loop_data") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
-                                        "response": f"Answer: {2 * i}"}) + "\n" for i in range(40)))
-    return path
+    return write_doubling_prompts(tmp_path_factory.mktemp("rl_loop_data") / "prompts.jsonl")
 
 
 @pytest.fixture(scope="module")
