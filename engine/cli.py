@@ -5,6 +5,7 @@
     assay config [OVERRIDES...]         print the resolved configuration
     assay verify --verifier ... --input FILE.jsonl      score responses offline
     assay serve-verifiers --host 127.0.0.1 --port N     serve a verifier pool over gRPC
+    assay contamination --train TASKS.jsonl --eval EVAL.jsonl [--n 13]   n-gram overlap check
 
 OVERRIDES are Hydra overrides: `experiment=arith_tiny learner.lr=1e-3 cluster.learners=2`.
 """
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     verifiers_cli.add_verify_args(sub.add_parser("verify", help="score a jsonl file of responses"))
     verifiers_cli.add_serve_args(sub.add_parser("serve-verifiers", help="serve a verifier pool over gRPC"))
+    from engine import contamination
+
+    contamination.add_args(sub.add_parser("contamination", help="n-gram overlap of eval items with training tasks"))
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
@@ -110,7 +114,14 @@ def _serve(args: argparse.Namespace) -> int:
     return verifiers_cli.run_serve(args)
 
 
-COMMANDS = {"train": _train, "demo": _demo, "config": _config, "verify": _verify, "serve-verifiers": _serve}
+def _contamination(args: argparse.Namespace) -> int:
+    from engine.contamination import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {"train": _train, "demo": _demo, "config": _config, "verify": _verify, "serve-verifiers": _serve,
+            "contamination": _contamination}
 
 if __name__ == "__main__":
     sys.exit(main())

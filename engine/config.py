@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from engine.models import ModelConfig
 from engine.tasks import TaskConfig
-from learner.algos import ADVANTAGES, LOSSES
+from learner.algos import ESTIMATORS, LOSSES
 from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
 from rollout.config import RolloutConfig
@@ -58,7 +58,12 @@ class ClusterConfig:
 @dataclass
 class RLConfig:
     advantage: str = "grpo"
-    """Key of `learner.algos.ADVANTAGES`: `grpo` (mean/std over the G samples), `dr_grpo` (mean only), `rloo`."""
+    """Key of `learner.algos.ESTIMATORS`: `grpo` (mean/std over the G samples), `dr_grpo` (mean only),
+    `rloo`, `reinforce_pp`, `reinforce_pp_baseline`, or `gae` (PPO: needs `learner.critic.enabled`)."""
+    gamma: float = 1.0
+    """GAE discount over response tokens (`rl.advantage=gae`)."""
+    lam: float = 0.95
+    """GAE lambda (`rl.advantage=gae`): 1 is the Monte-Carlo return minus the value, 0 one-step TD."""
     prompts_per_step: int = 16
     """Prompts P per RL step; each is sampled `rollout.n` (G) times, so a step trains on P×G responses."""
     verifier_actors: int = 1
@@ -75,6 +80,11 @@ class RLConfig:
     falls linearly by up to `overlong_penalty` (0: off)."""
     overlong_penalty: float = 1.0
     """The penalty at `rollout.max_tokens` (see `overlong_buffer`)."""
+    max_staleness: int = 0
+    """Async rollout: the rollout of step j may run while the learner still trains up to `max_staleness`
+    earlier steps, so samples come from weights at most that many versions old (0: synchronous,
+    on-policy). Above 0 it needs `learner.tis_cap`, which corrects the off-policy samples; older samples
+    are dropped."""
     mask_truncated: bool = False
     """Leave responses cut at `rollout.max_tokens` out of the loss and the group statistics."""
 
@@ -134,7 +144,7 @@ class AssayConfig:
 # Closed sets of values; the message of a bad value lists them.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "stage": ("pretrain", "sft", "rl"),
-    "rl.advantage": tuple(ADVANTAGES),
+    "rl.advantage": tuple(ESTIMATORS),
     "learner.loss": tuple(LOSSES),
     "cluster.placement": ("colocated", "split"),
 }
@@ -183,6 +193,16 @@ def validate(cfg: AssayConfig) -> None:
     if not 0 <= cfg.rl.overlong_buffer <= cfg.rollout.max_tokens:
         raise ConfigError(f"rl.overlong_buffer={cfg.rl.overlong_buffer} is not allowed; expected 0 (off) up to "
                           f"rollout.max_tokens ({cfg.rollout.max_tokens})")
+    if (cfg.rl.advantage == "gae") != cfg.learner.critic.enabled:
+        raise ConfigError(f"rl.advantage={cfg.rl.advantage} with learner.critic.enabled={cfg.learner.critic.enabled}: "
+                          "GAE needs the critic's values and the critic trains only on GAE returns; use algo=ppo, "
+                          "or set both (rl.advantage=gae learner.critic.enabled=true) or neither")
+    if cfg.rl.max_staleness < 0 or (cfg.rl.max_staleness > 0 and cfg.learner.tis_cap is None):
+        raise ConfigError(f"rl.max_staleness={cfg.rl.max_staleness}: expected 0 (synchronous) or a positive number "
+                          "of versions together with learner.tis_cap (e.g. 2.0), which importance-corrects the "
+                          "samples of older weights")
+    if not (0.0 <= cfg.rl.gamma <= 1.0 and 0.0 <= cfg.rl.lam <= 1.0):
+        raise ConfigError(f"rl.gamma={cfg.rl.gamma} / rl.lam={cfg.rl.lam}: expected values in [0, 1]")
     try:
         validate_learner(cfg.learner, cfg.cluster.learners)
     except ValueError as err:

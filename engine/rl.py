@@ -4,8 +4,12 @@
           -> LearnerGroup.train_rl_step -> weights published to the rollout actors -> metrics
 
 Every algorithm difference is a table entry or a number picked by config (`rl.advantage` in
-`learner.algos.ADVANTAGES`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`, DAPO's
-`rl.dynamic_sampling` / `rl.overlong_buffer` / `rl.mask_truncated`), never an `if algo == ...` here.
+`learner.algos.ESTIMATORS`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`,
+`learner.kl_reward_coef`, `learner.critic`, DAPO's `rl.dynamic_sampling` / `rl.overlong_buffer` /
+`rl.mask_truncated`), never an `if algo == ...` here. Between rollout and update the learner scores the
+batch once (`LearnerGroup.prepare`: old logprobs, reference logprobs when a KL term needs them, the
+critic's values for PPO); the driver turns rewards into per-token rewards (minus the KL penalty) and
+advantages (and GAE returns), and hands the lot back to `train_rl_step`.
 Samples a verifier cannot judge (`score=None`) are dropped: their tokens leave `loss_mask` and their
 reward is left out of the group statistics.
 """
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.ahead import Ahead
 from engine.config import AssayConfig
 from engine.metrics import MetricsSink
 from engine.placement import place
@@ -26,7 +31,7 @@ from engine.ray_cluster import init_ray
 from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
 from engine.scoring import score_on_actors, start_verifier_actors
 from engine.tasks import Task, load_task_source
-from learner.algos import ADVANTAGES, informative_groups, overlong_penalty
+from learner.algos import ESTIMATORS, informative_groups, kl_k1, overlong_penalty, token_rewards
 from learner.group import LearnerGroup
 from rollout.group import RolloutGroup
 from rollout.types import Response
@@ -54,30 +59,52 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         start = resume(resume_from, learner, source) if resume_from is not None else 0
         if start:  # the rollout actors load the resumed weights
             rollout.update_weights(learner.state_dict_for_rollout(), version=start)
-        advantages_of = ADVANTAGES[cfg.rl.advantage]
         eval_tasks = source.eval_tasks(cfg.task.eval_size)
         sink = cleanup.enter_context(closing(MetricsSink(run_dir, cfg.steps, start_step=start,
                                                          progress=cfg.progress)))
         if start == 0:  # the baseline the curves start from
             sink.log(0, evaluate(rollout, scorers, eval_tasks, cfg))
+
+        def produce(step: int) -> tuple[list[Response], torch.Tensor, dict[str, float], SourceAt]:
+            return *collect(source, rollout, scorers, cfg, step), SourceAt(source.state_dict())
+
+        # rollout of step j may start once step j - rl.max_staleness - 1 is done (0: synchronous)
+        ahead = Ahead(produce, start, cfg.steps, cfg.rl.max_staleness)
+        cleanup.callback(ahead.close)
+        stream_at: Any = source
+        t_end = time.perf_counter()
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            responses, rewards, metrics = collect(source, rollout, scorers, cfg, step)  # rewards (P, G)
+            responses, rewards, metrics, stream_at = ahead.get(step)  # rewards (P, G)
             t2 = time.perf_counter()
             if rewards.numel():
-                advantages = advantages_of(rewards)  # (P, G); NaN rewards get advantage 0
-                batch = rl_batch(responses, advantages.flatten(), rewards.flatten(), pad_id=0)
+                batch = rl_batch(responses, rewards.flatten(), pad_id=0)
+                batch |= learner.prepare(batch)  # old logprobs (+ reference logprobs, critic values)
+                metrics.update(add_advantages(batch, rewards, cfg))
                 metrics.update(learner.train_rl_step(batch))
             t3 = time.perf_counter()
             metrics.update(rollout.update_weights(learner.state_dict_for_rollout(), version=step + 1))
             t4 = time.perf_counter()
             tokens = sum(len(r.response_ids) for r in responses)
-            metrics.update({"perf/learn_s": t3 - t2, "perf/sync_s": t4 - t3, "perf/step_s": t4 - t0,
-                            "perf/tokens_per_s": tokens / (t4 - t0)})
+            metrics.update({"perf/wait_s": t2 - t0, "perf/learn_s": t3 - t2, "perf/sync_s": t4 - t3,
+                            "perf/step_s": t4 - t_end, "perf/tokens_per_s": tokens / (t4 - t_end)})
             finish_step(step + 1, cfg, metrics, lambda: evaluate(rollout, scorers, eval_tasks, cfg),
-                        sink, run_dir, learner, source)
-        export = export_final(run_dir, learner, source, cfg.steps)
+                        sink, run_dir, learner, stream_at)
+            ahead.finished(step + 1)
+            t_end = time.perf_counter()
+        export = export_final(run_dir, learner, stream_at, cfg.steps)
     return StageResult(run_dir, export, cfg.steps, metrics)
+
+
+class SourceAt:
+    """The task stream's position right after a step's tasks were drawn: what that step's checkpoint
+    records, although the rollout thread may have drawn later steps' tasks already."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
 
 
 def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayConfig,
@@ -87,7 +114,9 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
     with it, rounds of fresh prompts whose informative groups (rewards not all equal) are kept until
     `prompts_per_step` are, or `rl.max_sample_rounds` rounds are spent; then P' is the largest
     count whose samples fill whole minibatches (maybe 0: no update this step). The reward metrics are
-    the first round's, an unfiltered sample of the policy."""
+    the first round's, an unfiltered sample of the policy. A group with a sample from weights more than
+    `rl.max_staleness` versions older than step `step` trains (which `Ahead` already prevents) is
+    dropped and counted (`rollout/stale_dropped`)."""
     n, want = cfg.rollout.n, cfg.rl.prompts_per_step
     kept: list[tuple[list[Response], torch.Tensor]] = []  # (G responses, (G,) rewards) per kept group
     metrics: dict[str, float] = {"perf/rollout_s": 0.0, "perf/verify_s": 0.0}
@@ -100,11 +129,20 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
         responses = rollout.generate(tasks, n, sampling)
         t1 = time.perf_counter()
         rewards = shaped(score(scorers, tasks, responses, n), responses, cfg)  # (P, G)
+        observe = getattr(source, "observe", None)  # a source that adapts to the verdicts (a curriculum)
+        if observe is not None:
+            metrics.update(observe(tasks, rewards))
         metrics["perf/rollout_s"] += t1 - t0
         metrics["perf/verify_s"] += time.perf_counter() - t1
+        staleness = torch.tensor([step - r.weight_version for r in responses]).view(len(tasks), n)  # (P, G)
         if round_ == 0:
             metrics.update(rollout_metrics(responses, rewards))
+            metrics.update({"rollout/staleness_mean": float(staleness.float().mean()),
+                            "rollout/staleness_max": float(staleness.max()), "rollout/stale_dropped": 0.0})
         keep = informative_groups(rewards) if cfg.rl.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
+        stale = (staleness > cfg.rl.max_staleness).any(1)  # (P,)
+        metrics["rollout/stale_dropped"] += float(stale.sum())
+        keep &= ~stale
         drawn, informative = drawn + len(tasks), informative + int(keep.sum())
         kept += [(responses[i * n:(i + 1) * n], rewards[i]) for i in range(len(tasks)) if keep[i]]
         if len(kept) >= want:
@@ -151,9 +189,8 @@ def score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: i
     return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n)  # (P, G)
 
 
-def rl_batch(responses: list[Response], advantages: torch.Tensor, rewards: torch.Tensor,
-             pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `prompt + response` rows with per-token advantages and rollout logprobs.
+def rl_batch(responses: list[Response], rewards: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + response` rows with the rollout logprobs of their tokens.
 
     Position t of a row holds token t; `loss_mask[t] = 1` when token t is a response token (it is
     predicted from tokens < t, the learner's convention); rows with a NaN reward are masked out.
@@ -170,9 +207,27 @@ def rl_batch(responses: list[Response], advantages: torch.Tensor, rewards: torch
         attention_mask[i, :end] = 1
         loss_mask[i, start:end] = 0.0 if torch.isnan(rewards[i]) else 1.0
         rollout_logprobs[i, start:end] = torch.tensor(r.rollout_logprobs)
-    token_adv = torch.nan_to_num(advantages, nan=0.0)[:, None] * loss_mask  # (B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "advantages": token_adv, "rollout_logprobs": rollout_logprobs}
+            "rollout_logprobs": rollout_logprobs}
+
+
+def add_advantages(batch: dict[str, torch.Tensor], rewards: torch.Tensor, cfg: AssayConfig) -> dict[str, float]:
+    """Put `advantages` (and `returns`, for a critic) into `batch`: the outcome `rewards` (P, G) on each
+    response's last token, minus `learner.kl_reward_coef` x k1(old, ref) on every response token, through
+    the estimator `rl.advantage` names. Returns the reward-side metrics."""
+    mask = batch["loss_mask"]
+    kl = kl_k1(batch["old_logprobs"], batch["ref_logprobs"]) if "ref_logprobs" in batch else None  # (B, T)
+    per_token = token_rewards(rewards.flatten(), mask, kl, cfg.learner.kl_reward_coef)  # (B, T)
+    advantages, returns = ESTIMATORS[cfg.rl.advantage](per_token, mask, batch.get("values"),
+                                                      group_size=cfg.rollout.n, gamma=cfg.rl.gamma, lam=cfg.rl.lam)
+    batch["advantages"] = advantages
+    metrics = {}
+    if returns is not None:
+        batch["returns"] = returns
+        metrics["critic/returns_mean"] = float(returns.sum() / mask.sum().clamp(min=1))
+    if kl is not None:
+        metrics["rl/kl_to_ref"] = float((kl * mask).sum() / mask.sum().clamp(min=1))  # k1, token mean
+    return metrics
 
 
 def rollout_metrics(responses: list[Response], rewards: torch.Tensor) -> dict[str, float]:

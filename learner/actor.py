@@ -53,6 +53,9 @@ class LearnerActor:
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)
 
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.worker.prepare(batch)
+
     def state_dict_for_rollout(self) -> dict[str, Tensor]:
         return self.worker.state_dict_for_rollout()
 

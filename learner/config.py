@@ -22,6 +22,24 @@ LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
+class CriticConfig:
+    """PPO's value model (`learner.critic`), trained next to the policy on every learner rank."""
+
+    enabled: bool = False
+    """Build and train the critic (`algo=ppo` turns it on; `rl.advantage=gae` needs it)."""
+
+    path: str | None = None
+    """Checkpoint directory of the critic's transformer body; None: the policy's starting weights."""
+
+    lr: float = 1e-4
+    """The critic's peak learning rate (same warmup and schedule as the policy)."""
+
+    value_clip: float | None = 0.2
+    """Clipped value loss: values move at most this far from their value at scoring time unless that
+    lowers the loss anyway; None: plain squared error."""
+
+
+@dataclass
 class LearnerConfig:
     """DeepSpeed learner settings shared by supervised (pretrain / SFT) and RL modes."""
 
@@ -108,6 +126,14 @@ class LearnerConfig:
     """RL: truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
     tis_cap) using the batch's `rollout_logprobs` (which then become required). None disables it."""
 
+    kl_reward_coef: float = 0.0
+    """RL: weight of KL as a reward penalty: `kl_reward_coef * (log pi_old - log pi_ref)` (k1) is
+    subtracted from every response token's reward before advantages are estimated (PPO, REINFORCE++).
+    The reference model is built when this or `kl_coef` is > 0."""
+
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """RL: PPO's value model (see `CriticConfig`)."""
+
     entropy_metric: bool = True
     """RL: report `learner/entropy`, the token-mean policy entropy over the response tokens, from the
     first epoch's training forward passes."""
@@ -176,8 +202,11 @@ def validate_rl(cfg: LearnerConfig) -> None:
         raise ValueError(
             f"LearnerConfig.clip_ratio_c: expected > 1 (dual clip) or None, got {cfg.clip_ratio_c}"
         )
-    if cfg.kl_coef < 0:
-        raise ValueError(f"LearnerConfig.kl_coef: expected >= 0, got {cfg.kl_coef}")
+    if cfg.kl_coef < 0 or cfg.kl_reward_coef < 0:
+        raise ValueError(f"LearnerConfig.kl_coef / kl_reward_coef: expected >= 0, got {cfg.kl_coef} / {cfg.kl_reward_coef}")
+    if cfg.critic.lr <= 0 or (cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0):
+        raise ValueError(f"LearnerConfig.critic: lr and value_clip must be positive (value_clip may be None), "
+                         f"got {cfg.critic.lr} / {cfg.critic.value_clip}")
     if cfg.norm_len is not None and cfg.norm_len <= 0:
         raise ValueError(
             f"LearnerConfig.norm_len: expected a positive token count or None, got {cfg.norm_len}"

@@ -29,9 +29,10 @@ from learner.config import LearnerConfig, validate
 # the driver does not import DeepSpeed).
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Metrics every rank reports identically; taken from rank 0 instead of summed.
-SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps")
-# Tensors an RL batch must hold besides BATCH_KEYS; `rollout_logprobs` is optional.
+SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps", "critic/grad_norm")
+# Tensors an RL batch must hold besides BATCH_KEYS, and those it may hold (`learner.worker.RL_OPTIONAL_KEYS`).
 RL_KEYS = ("advantages",)
+RL_OPTIONAL_KEYS = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
 
 
 def free_port() -> int:
@@ -157,7 +158,7 @@ class LearnerGroup:
         if missing:
             raise ValueError(f"LearnerGroup.train_rl_step: batch lacks {missing}; expected {list(required)}")
         num_tokens, num_seqs = minibatch_normalisers(batch["loss_mask"], self.cfg.batch_size)
-        keys = required + (("rollout_logprobs",) if "rollout_logprobs" in batch else ())
+        keys = required + tuple(k for k in RL_OPTIONAL_KEYS if k in batch)
         index = minibatch_rank_rows(batch["input_ids"].shape[0], self.cfg.batch_size, self.world_size)
         refs = [
             actor.train_rl_step.remote({k: batch[k][rows] for k in keys}, num_tokens, num_seqs)
@@ -167,6 +168,16 @@ class LearnerGroup:
 
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-token log-probabilities (B, T) under the current weights; any number of rows."""
+        return self._scored(batch, "logprobs")  # type: ignore[return-value]
+
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`LearnerWorker.prepare` over the whole batch: `old_logprobs` (+ `ref_logprobs` with a reference
+        model, `values` with a critic), each (B, T); the driver estimates advantages from them and passes
+        them back in the `train_rl_step` batch, which then does not score them again."""
+        return self._scored(batch, "prepare")  # type: ignore[return-value]
+
+    def _scored(self, batch: dict[str, Tensor], method: str) -> Tensor | dict[str, Tensor]:
+        """Row shards of `batch` through every rank's `method`, concatenated back in row order."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         rows = input_ids.shape[0]
         pad = -rows % self.world_size
@@ -174,7 +185,9 @@ class LearnerGroup:
             input_ids = torch.cat([input_ids, input_ids[-1:].expand(pad, -1)])
             attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(pad, -1)])
         shards = shard_rows({"input_ids": input_ids, "attention_mask": attention_mask}, self.world_size)
-        parts = ray.get([actor.logprobs.remote(shard) for actor, shard in zip(self.actors, shards)])
+        parts = ray.get([getattr(actor, method).remote(shard) for actor, shard in zip(self.actors, shards)])
+        if isinstance(parts[0], dict):
+            return {key: torch.cat([p[key] for p in parts])[:rows] for key in parts[0]}
         return torch.cat(parts)[:rows]
 
     def state_dict_for_rollout(self) -> dict[str, Tensor]:

@@ -46,7 +46,9 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from learner.algos import LOSSES, POLICY_LOSSES, entropy_from_logits, token_logprobs
+from learner.algos.value import clipped_value_loss
 from learner.config import LearnerConfig, validate
+from learner.critic import ValueModel
 from learner.reference import ReferenceModel, position_ids_from_mask
 from learner.schedule import build_scheduler
 
@@ -63,6 +65,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+# Per-token tensors an RL batch may carry besides BATCH_KEYS (all (B, T)).
+RL_OPTIONAL_KEYS = ("advantages", "rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
 BF16_STAGE0_WARNING = (
     "LearnerConfig: precision=bf16 with zero_stage=0 runs DeepSpeed's pure-bf16 data parallel "
     "(bf16 weights, gradients and AdamW state, no fp32 master copy); zero_stage>=1 keeps fp32 master "
@@ -144,16 +148,20 @@ def check_batch(batch: dict[str, Tensor], micro_batch_size: int) -> tuple[Tensor
     return input_ids, attention_mask, loss_mask
 
 
-def check_rl_batch(batch: dict[str, Tensor], tis_cap: float | None) -> None:
-    """`advantages` (and `rollout_logprobs` when given, or required by tis_cap) match input_ids."""
+def check_rl_batch(batch: dict[str, Tensor], tis_cap: float | None, critic: bool = False) -> None:
+    """`advantages` (and every optional per-token tensor given, or required by tis_cap or the critic)
+    match input_ids."""
     shape = batch["input_ids"].shape
     if "advantages" not in batch:
         raise ValueError("learner RL batch: missing 'advantages' (B, T), broadcast to the response tokens")
+    if critic and not {"values", "returns"} <= set(batch):
+        raise ValueError("learner RL batch: the critic (learner.critic.enabled) trains on 'values' (from prepare) "
+                         "and 'returns' (B, T); estimate advantages with rl.advantage=gae")
     if tis_cap is not None and "rollout_logprobs" not in batch:
         raise ValueError(
             f"learner RL batch: LearnerConfig.tis_cap = {tis_cap} needs 'rollout_logprobs' (B, T) in the batch"
         )
-    for key in ("advantages", "rollout_logprobs"):
+    for key in RL_OPTIONAL_KEYS:
         if key in batch and batch[key].shape != shape:
             raise ValueError(
                 f"learner RL batch: {key} {tuple(batch[key].shape)} must match input_ids {tuple(shape)} (B, T)"
@@ -182,14 +190,23 @@ class LearnerWorker:
             warnings.warn(BF16_STAGE0_WARNING, stacklevel=2)
         init_distributed(rank, world_size, master_port)
         torch.manual_seed(cfg.seed + rank)
-        self.engine = _build_engine(cfg, model_dir, total_steps, self.grad_accum, world_size)
+        self.engine = _build_engine(cfg, _policy_model(cfg, model_dir), cfg.lr, total_steps, self.grad_accum,
+                                    world_size)
         self.device = self.engine.device
         self.step = 0
         self.policy_loss = POLICY_LOSSES[cfg.policy_loss]
-        # Built only when the KL term needs it; rebuilt from model_dir (never checkpointed) on resume.
+        # Built only when a KL term (loss or reward) needs it; rebuilt from model_dir (never
+        # checkpointed) on resume.
         self.reference = (
             ReferenceModel(model_dir, _dtype(cfg.precision), self.device, cfg.micro_batch_size)
-            if cfg.kl_coef > 0
+            if cfg.kl_coef > 0 or cfg.kl_reward_coef > 0
+            else None
+        )
+        # PPO's value model, its own DeepSpeed engine with the policy's batch geometry (learner.critic).
+        self.critic = (
+            _build_engine(cfg, ValueModel(cfg.critic.path or model_dir), cfg.critic.lr, total_steps,
+                          self.grad_accum, world_size)
+            if cfg.critic.enabled
             else None
         )
 
@@ -206,34 +223,20 @@ class LearnerWorker:
             num_tokens = int(loss_mask.sum())
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        self.engine.train()
-        totals: dict[str, float] = {"learner/loss": 0.0, "learner/tokens": 0.0, "learner/seq_tokens": 0.0}
-        n_micro = input_ids.shape[0] // self.cfg.micro_batch_size
-        fallback_norm: float | None = None
-        for i in range(n_micro):
-            rows = slice(i * self.cfg.micro_batch_size, (i + 1) * self.cfg.micro_batch_size)
-            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+
+        def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             logprobs = self._forward_logprobs(input_ids[rows], attention_mask[rows])  # (b, T)
             loss, metrics = self.loss_fn(logprobs, loss_mask[rows].to(self.device), num_tokens)
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            if i == n_micro - 1:
-                # Plain ZeRO-0 fp32 does not record the norm; gradients are all-reduced by now.
-                fallback_norm = _grad_norm(self.engine.module) if self.cfg.zero_stage == 0 else None
-            self.engine.step()
             # loss metrics are this micro-batch's share of global sums, so they add up
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
-            totals["learner/loss"] += loss.item()
-            totals["learner/tokens"] += float(loss_mask[rows].sum())
-            totals["learner/seq_tokens"] += float(attention_mask[rows].sum())
+            return loss, metrics | {"learner/loss": loss.item(), "learner/tokens": float(loss_mask[rows].sum()),
+                                    "learner/seq_tokens": float(attention_mask[rows].sum())}
+
+        totals, grad_norm = self._accumulate(self.engine, input_ids.shape[0], micro_loss)
         self.step += 1
         elapsed = time.perf_counter() - start
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = fallback_norm
         totals.update(
             {
-                "learner/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "learner/grad_norm": grad_norm,
                 "learner/lr": float(lr),
                 "learner/step": float(self.step),
                 "perf/learner_step_s": elapsed,
@@ -293,7 +296,7 @@ class LearnerWorker:
         """
         cfg = self.cfg
         input_ids, attention_mask, loss_mask = check_batch(batch, cfg.micro_batch_size)
-        check_rl_batch(batch, cfg.tis_cap)
+        check_rl_batch(batch, cfg.tis_cap, critic=self.critic is not None)
         if num_tokens is None or num_seqs is None:
             if self.world_size != 1:
                 raise ValueError(
@@ -335,6 +338,9 @@ class LearnerWorker:
                     num_tokens[m], num_seqs[m], entropy_norm,
                 )  # fmt: skip
                 grad_norms.append(grad_norm)
+                if self.critic is not None:
+                    critic_rows = {k: batch[k][rows] for k in ("values", "returns", "loss_mask")}
+                    metrics |= self._critic_step(input_ids[rows], attention_mask[rows], critic_rows, num_tokens[m])
                 for key, value in metrics.items():
                     if key == "learner/entropy":
                         once[key] += value
@@ -353,16 +359,34 @@ class LearnerWorker:
         }
         return out
 
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the driver needs before it can estimate advantages, (B, T) on CPU: `old_logprobs`
+        (current weights), `ref_logprobs` when a reference model exists, `values` when a critic does."""
+        out = {"old_logprobs": self.logprobs(batch)}
+        if self.reference is not None:
+            out["ref_logprobs"] = self.reference.logprobs(batch["input_ids"], batch["attention_mask"])
+        if self.critic is not None:
+            self.critic.eval()
+            ids, mask, mbs = batch["input_ids"], batch["attention_mask"], self.cfg.micro_batch_size
+            out["values"] = torch.cat([
+                self.critic(ids[i:i + mbs].to(self.device), mask[i:i + mbs].to(self.device)).float().cpu()
+                for i in range(0, ids.shape[0], mbs)
+            ])  # fmt: skip
+        return out
+
     def _rl_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The per-token tensors the policy loss reads, on CPU (B, T): `old_logprobs` from the current
-        weights, `ref_logprobs` only with a reference model, `rollout_logprobs` only with tis_cap."""
-        tensors = {
-            "old_logprobs": self.logprobs(batch),
-            "advantages": batch["advantages"].float(),
-            "loss_mask": batch["loss_mask"],
-        }
-        if self.reference is not None:
-            tensors["ref_logprobs"] = self.reference.logprobs(batch["input_ids"], batch["attention_mask"])
+        weights, `ref_logprobs` only with a reference model, `rollout_logprobs` only with tis_cap. Those
+        `prepare` made are taken from the batch when the driver passes them back."""
+        scored = {k: batch[k] for k in ("old_logprobs", "ref_logprobs") if k in batch}
+        if "old_logprobs" not in scored:
+            scored["old_logprobs"] = self.logprobs(batch)
+        if self.reference is not None and "ref_logprobs" not in scored:
+            scored["ref_logprobs"] = self.reference.logprobs(batch["input_ids"], batch["attention_mask"])
+        if self.reference is None:
+            scored.pop("ref_logprobs", None)
+        tensors = scored | {"advantages": batch["advantages"].float(), "loss_mask": batch["loss_mask"]}
         if self.cfg.tis_cap is not None:
             tensors["rollout_logprobs"] = batch["rollout_logprobs"].float()
         return tensors
@@ -381,36 +405,61 @@ class LearnerWorker:
         Returns this rank's share of the minibatch's loss metrics (and of `learner/entropy` over the
         whole batch when `entropy_norm` is set) and the step's global gradient norm.
         """
-        cfg = self.cfg
-        self.engine.train()
-        mbs = cfg.micro_batch_size
-        n_micro = input_ids.shape[0] // mbs
-        totals: dict[str, float] = {"learner/loss": 0.0}
-        fallback_norm: float | None = None
-        for i in range(n_micro):
-            rows = slice(i * mbs, (i + 1) * mbs)
-            self.engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+        def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             logits = self._forward_logits(input_ids[rows], attention_mask[rows])  # (b, T, V)
             logprobs = token_logprobs(logits, input_ids[rows].to(self.device))  # (b, T)
             micro = {k: v[rows].to(self.device) for k, v in tensors.items()}
             mask = micro.pop("loss_mask")
+            extra: dict[str, float] = {}
             if entropy_norm is not None:
                 with torch.no_grad():
-                    entropy = entropy_from_logits(logits.detach(), mask, entropy_norm)
-                totals["learner/entropy"] = totals.get("learner/entropy", 0.0) + entropy.item()
+                    extra["learner/entropy"] = entropy_from_logits(logits.detach(), mask, entropy_norm).item()
             loss, metrics = self.policy_loss(
                 logprobs, micro.pop("old_logprobs"), micro.pop("advantages"), mask,
                 **micro, **self._loss_options(), num_tokens=num_tokens, num_seqs=num_seqs,
             )  # fmt: skip
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            if i == n_micro - 1:
-                fallback_norm = _grad_norm(self.engine.module) if cfg.zero_stage == 0 else None
-            self.engine.step()
+            return loss, metrics | extra | {"learner/loss": loss.item()}
+
+        totals, grad_norm = self._accumulate(self.engine, input_ids.shape[0], micro_loss)
+        self.step += 1
+        return totals, grad_norm
+
+    def _critic_step(
+        self, input_ids: Tensor, attention_mask: Tensor, tensors: dict[str, Tensor], num_tokens: float
+    ) -> dict[str, float]:
+        """One critic optimizer step on a minibatch: the clipped value loss against the GAE returns."""
+        assert self.critic is not None
+        critic = self.critic
+
+        def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
+            values = critic(input_ids[rows].to(self.device), attention_mask[rows].to(self.device))  # (b, T)
+            micro = {k: v[rows].to(self.device) for k, v in tensors.items()}
+            return clipped_value_loss(values, micro["values"], micro["returns"], micro["loss_mask"],
+                                      self.cfg.critic.value_clip, num_tokens)
+
+        totals, grad_norm = self._accumulate(critic, input_ids.shape[0], micro_loss)
+        return totals | {"critic/grad_norm": grad_norm}
+
+    def _accumulate(
+        self, engine: Any, rows: int, micro_loss: Any
+    ) -> tuple[dict[str, float], float]:
+        """Run `micro_loss(rows_slice) -> (loss, metrics)` over the micro-batches of `rows` rows with
+        gradient accumulation into one optimizer step of `engine`; (summed metrics, global grad norm)."""
+        engine.train()
+        mbs = self.cfg.micro_batch_size
+        n_micro = rows // mbs
+        totals: dict[str, float] = {}
+        fallback_norm: float | None = None
+        for i in range(n_micro):
+            engine.set_gradient_accumulation_boundary(i == n_micro - 1)
+            loss, metrics = micro_loss(slice(i * mbs, (i + 1) * mbs))
+            engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            if i == n_micro - 1:  # plain ZeRO-0 fp32 does not record the norm; gradients are reduced by now
+                fallback_norm = _grad_norm(engine.module) if self.cfg.zero_stage == 0 else None
+            engine.step()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
-            totals["learner/loss"] += loss.item()
-        self.step += 1
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = fallback_norm
         return totals, float(grad_norm) if grad_norm is not None else float("nan")
@@ -460,6 +509,8 @@ class LearnerWorker:
         self.engine.save_checkpoint(str(ds_dir), tag=f"step{self.step}", client_state={"step": self.step})
         ds_dir.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), ds_dir / f"rng_rank{self.rank}.pt")
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(root / "critic"), tag=f"step{self.step}")
         state = self.state_dict_for_rollout()
         if self.rank == 0:
             _export_hf(self.engine.module, state, self.model_dir, root / "hf")
@@ -474,6 +525,12 @@ class LearnerWorker:
         if path is None:
             raise FileNotFoundError(f"LearnerWorker.load: no DeepSpeed checkpoint under {ds_dir}")
         self.step = int(client_state["step"])
+        if self.critic is not None:
+            critic_path, _ = self.critic.load_checkpoint(
+                str(Path(directory) / "critic"), load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if critic_path is None:
+                raise FileNotFoundError(f"LearnerWorker.load: no critic checkpoint under {Path(directory) / 'critic'}")
         rng_file = ds_dir / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -483,6 +540,9 @@ class LearnerWorker:
         process, so a later worker in this process (tests) must reuse the same rank and world size."""
         self.engine.destroy()
         del self.engine
+        if self.critic is not None:
+            self.critic.destroy()
+            self.critic = None
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -501,14 +561,12 @@ def _pick_loss(name: str) -> Any:
 
 
 def _build_engine(
-    cfg: LearnerConfig, model_dir: str, total_steps: int, grad_accum: int, world_size: int
+    cfg: LearnerConfig, model: torch.nn.Module, lr: float, total_steps: int, grad_accum: int, world_size: int
 ) -> deepspeed.DeepSpeedEngine:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    """`model` under DeepSpeed with AdamW at peak `lr` and the configured schedule (policy or critic)."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
-        lr=cfg.lr,
+        lr=lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
@@ -522,6 +580,13 @@ def _build_engine(
         dist_init_required=False,
     )
     return engine
+
+
+def _policy_model(cfg: LearnerConfig, model_dir: str) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def _export_hf(module: PreTrainedModel, state: dict[str, Tensor], model_dir: str, out_dir: Path) -> None:

@@ -51,6 +51,11 @@ class TaskSource(Protocol):
         """Continue the stream from a `state_dict()`."""
         ...
 
+    # Optional: a source may also define `observe(tasks, rewards) -> dict[str, float]`. The RL loop then
+    # calls it after every scored generation round with the round's tasks and their rewards `(P, G)`
+    # (NaN: not judged) and logs the metrics it returns; a curriculum adapts its sampling there. Its
+    # state belongs in `state_dict()`.
+
 
 @dataclass
 class ArithmeticConfig:
@@ -117,6 +122,123 @@ class FileConfig:
     of `path` (the `eval_size` rows whose prompt hashes lowest), removed from training."""
 
 
+EQUATION_FORMS = ("one_sided", "bracket", "two_sided", "divided")  # a*x+b=c, a*(x+b)=c, a*x+b=c*x+d, x/a+b=c
+CODE_MODES = ("deduction", "abduction", "induction")
+
+
+@dataclass
+class LinearEquationsConfig:
+    """Difficulty knobs of the built-in `linear_equations` generator (`Solve for x: 3*x + 4 = 19`)."""
+
+    coefficient_range: int = 9
+    """Largest absolute value of a coefficient or constant (and of an integer solution)."""
+
+    forms: list[str] = field(default_factory=lambda: list(EQUATION_FORMS))
+    """Equation forms to draw from, a subset of `one_sided` (`a*x+b=c`), `bracket` (`a*(x+b)=c`),
+    `two_sided` (`a*x+b=c*x+d`) and `divided` (`x/a+b=c`)."""
+
+    integer_solutions: bool = True
+    """Draw the solution as an integer and build the equation around it; False: draw every number, so
+    most solutions are fractions (`-3/7`)."""
+
+
+@dataclass
+class CodeReasoningConfig:
+    """Difficulty knobs of the built-in `code_reasoning` generator (Absolute Zero's three modes)."""
+
+    modes: list[str] = field(default_factory=lambda: list(CODE_MODES))
+    """Modes to draw from: `deduction` (program + input -> output), `abduction` (program + output ->
+    an input) and `induction` (input/output pairs -> program)."""
+
+    statements: int = 3
+    """Statements in a program's body (a loop or `if` counts 1 plus its body): the program size."""
+
+    depth: int = 1
+    """How deep loops and `if`s nest in every program (0: straight-line code; at most 4 and statements - 1)."""
+
+    list_len: int = 5
+    """Longest input list (inputs are lists of 1 .. list_len integers)."""
+
+    max_value: int = 9
+    """Input list elements are drawn from 0 .. max_value."""
+
+    examples: int = 3
+    """Input/output pairs an induction prompt shows."""
+
+    hidden_tests: int = 3
+    """Further input/output pairs an induction answer is tested on, never shown."""
+
+    isolation: str = "auto"
+    """Sandbox the programs run in to compute the answers (`verifiers.sandbox`: auto, bwrap, unshare)."""
+
+
+@dataclass
+class ReasoningGymConfig:
+    """The `reasoning_gym` adapter (optional extra `pip install 'assay[reasoning-gym]'`): one
+    procedural dataset of the reasoning-gym package, scored by its own `score_answer`."""
+
+    dataset: str = "basic_arithmetic"
+    """A reasoning-gym dataset name (`reasoning_gym.factory.DATASETS`: `chain_sum`, `spell_backward`, ...)."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of that dataset's config class, its difficulty knobs (`{"min_terms": 3}`)."""
+
+
+@dataclass
+class CurriculumConfig:
+    """The adaptive `curriculum` source (`engine.tasks.curriculum`): difficulty levels of one base source,
+    sampled so that most groups' solve rates fall inside the band `[low, high]`."""
+
+    base: str = "arithmetic"
+    """The `assay.tasks` source whose difficulty the curriculum varies; it must have a sub-config
+    `task.<base>` (`arithmetic`, `linear_equations`, `code_reasoning`, ...) for the levels to override."""
+
+    levels: list[dict[str, Any]] = field(default_factory=lambda: [{"digits": d} for d in (1, 2, 3)])
+    """Difficulty levels, easiest first: each overrides fields of `task.<base>` (`[{digits: 1}, {digits: 2}]`
+    on top of `task.arithmetic`)."""
+
+    low: float = 0.2
+    """Lower edge of the target band of group solve rates: below it the current level moves down."""
+
+    high: float = 0.8
+    """Upper edge of the target band: above it the current level moves up."""
+
+    ema: float = 0.1
+    """Weight of one group's solve rate in its level's moving solve rate (a per-group EMA)."""
+
+    explore: float = 0.2
+    """Probability that a task comes from a neighbour of the current level (the level above or below)."""
+
+    patience: int = 8
+    """Groups observed at the current level since it last moved before it may move again."""
+
+    start_level: int = 0
+    """The level the run starts at (0: the easiest)."""
+
+    def __post_init__(self) -> None:
+        check_curriculum_knobs(len(self.levels), self.low, self.high, self.ema, self.explore, self.patience,
+                               self.start_level)
+
+
+def check_curriculum_knobs(n_levels: int, low: float, high: float, ema: float, explore: float, patience: int,
+                           start_level: int) -> None:
+    """Raise `ValueError` naming the `task.curriculum.*` field whose value cannot be used."""
+    if n_levels < 1:
+        raise ValueError("task.curriculum.levels is empty: expected at least one level")
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"task.curriculum.low={low} / task.curriculum.high={high}: "
+                         "expected 0 <= low < high <= 1")
+    if not 0.0 < ema <= 1.0:
+        raise ValueError(f"task.curriculum.ema={ema}: expected a weight in (0, 1]")
+    if not 0.0 <= explore <= 1.0:
+        raise ValueError(f"task.curriculum.explore={explore}: expected a probability in [0, 1]")
+    if patience < 1:
+        raise ValueError(f"task.curriculum.patience={patience}: expected a positive number of groups")
+    if not 0 <= start_level < n_levels:
+        raise ValueError(f"task.curriculum.start_level={start_level}: "
+                         f"expected a level in 0 .. {n_levels - 1}")
+
+
 @dataclass
 class TaskConfig:
     """Which task source feeds the run, and its knobs."""
@@ -135,6 +257,19 @@ class TaskConfig:
 
     file: FileConfig = field(default_factory=FileConfig)
     """Knobs of the `file` source."""
+
+
+    linear_equations: LinearEquationsConfig = field(default_factory=LinearEquationsConfig)
+    """Knobs of the `linear_equations` source."""
+
+    code_reasoning: CodeReasoningConfig = field(default_factory=CodeReasoningConfig)
+    """Knobs of the `code_reasoning` source."""
+
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
+    """Knobs of the optional `reasoning_gym` adapter."""
+
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Knobs of the `curriculum` source."""
 
 
 def load_task_source(name_or_path: str, cfg: TaskConfig, seed: int) -> TaskSource:

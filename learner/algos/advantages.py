@@ -5,9 +5,12 @@ and every estimator is a vectorised reduction over dim 1, with no loop over grou
 flattened (B, T) training batch are prompt-major: row `p * G + g` holds response g of prompt p,
 which is what `rewards.reshape(-1)` gives.
 
-`ADVANTAGES` is the plain-dict table of estimators the config picks from; every entry is callable as
-`fn(rewards) -> (P, G)` (optional keyword numbers have defaults). Critic-based estimators (GAE)
-take per-token values and rewards instead and will get their own function and table.
+`ADVANTAGES` is the plain-dict table of outcome estimators; every entry is callable as
+`fn(rewards) -> (P, G)` (optional keyword numbers have defaults). The loop picks from `ESTIMATORS`, one
+signature for all: `fn(token_rewards (B, T), loss_mask (B, T), values (B, T) | None, *, group_size,
+gamma, lam) -> (advantages (B, T), returns (B, T) | None)`. Token rewards carry the outcome on each
+response's last token and, with a KL reward penalty, `-coef * KL` on every response token
+(`token_rewards`); an outcome estimator sums them per response, `gae` runs over them with the critic.
 
 - `grpo`: (r - mean) / (std + eps) within the group. GRPO, Shao et al. 2024, "DeepSeekMath"
   (https://arxiv.org/abs/2402.03300), section 4.1.2 (outcome supervision). std is the unbiased
@@ -21,6 +24,11 @@ take per-token values and rewards instead and will get their own function and ta
 - `reinforce_pp`: REINFORCE++ without a critic, Hu 2025 (https://arxiv.org/abs/2501.03262): the
   baseline is the mean reward of the whole batch and advantages are whitened by the batch std, so no
   group structure is needed (our loop has no per-token KL reward yet: the outcome is the return).
+- `gae`: PPO's critic-based estimator. Schulman et al. 2016, "High-Dimensional Continuous Control Using
+  Generalized Advantage Estimation" (https://arxiv.org/abs/1506.02438): delta_t = r_t + gamma V_{t+1}
+  - V_t, A_t = sum_l (gamma lam)^l delta_{t+l} over the response, V = 0 after its last token;
+  returns A + V train the critic; advantages are whitened over the batch's response tokens (as verl and
+  OpenRLHF do).
 - `reinforce_pp_baseline`: the group-sampling variant of the same paper (OpenRLHF's
   "reinforce_baseline"): r - group mean, divided by the std of those values over the whole batch,
   which avoids GRPO's per-group std (difficulty) bias while keeping the scale stable.
@@ -145,3 +153,84 @@ def token_advantages(advantages: Tensor, loss_mask: Tensor) -> Tensor:
         )
     tokens = flat[:, None].expand(loss_mask.shape)  # (B, T)
     return torch.where(loss_mask != 0, tokens, torch.zeros_like(tokens))
+
+
+def token_rewards(rewards: Tensor, loss_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+    """Per-token rewards (B, T): each response's outcome `rewards` (B,) on its last loss token, minus
+    `kl_coef * kl` on every loss token (KL as a reward penalty; `kl` (B, T) is e.g. k1 against the
+    reference). A NaN outcome (or a row without loss tokens) makes the whole row NaN."""
+    mask = (loss_mask != 0).to(torch.float32)  # (B, T)
+    if rewards.shape != mask.shape[:1] or (kl is not None and kl.shape != mask.shape):
+        raise ValueError(f"token_rewards: rewards {tuple(rewards.shape)} and kl {None if kl is None else tuple(kl.shape)} "
+                         f"must be (B,) and (B, T) for loss_mask {tuple(mask.shape)}")
+    positions = torch.arange(mask.shape[1], dtype=torch.float32)  # (T,)
+    last = (mask * (positions + 1)).argmax(dim=1)  # (B,) the last loss token of each row
+    out = torch.zeros_like(mask)
+    out[torch.arange(mask.shape[0]), last] = torch.nan_to_num(rewards.float(), nan=0.0)
+    out = out * mask
+    if kl is not None and kl_coef:
+        out = out - kl_coef * kl.float() * mask
+    dropped = torch.isnan(rewards) | (mask.sum(dim=1) == 0)  # (B,)
+    return out.masked_fill(dropped[:, None], float("nan"))
+
+
+def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(values - mean) / std over the positions where `mask` is set (unbiased std); 0 elsewhere."""
+    sel = mask != 0
+    count = sel.sum().clamp(min=1)
+    mean = torch.where(sel, values, 0.0).sum() / count
+    dev = torch.where(sel, values - mean, 0.0)
+    std = (dev.square().sum() / (count - 1).clamp(min=1)).sqrt()
+    return dev / (std + eps)
+
+
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, loss_mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """GAE over the response tokens of each row: (advantages (B, T), returns (B, T)), both 0 off the mask.
+
+    `values[:, t]` is the critic's value of the state before token t (the learner's alignment: the
+    value read from position t - 1, like the logits that score token t). NaN rows (dropped samples)
+    get 0 everywhere.
+    """
+    if not (token_rewards.shape == values.shape == loss_mask.shape) or values.dim() != 2:
+        raise ValueError(f"gae_advantages: token_rewards {tuple(token_rewards.shape)}, values {tuple(values.shape)} "
+                         f"and loss_mask {tuple(loss_mask.shape)} must share one (B, T) shape")
+    mask = (loss_mask != 0).to(values.dtype)  # (B, T)
+    rewards = torch.nan_to_num(token_rewards.to(values.dtype), nan=0.0) * mask
+    values = values * mask
+    rows, width = mask.shape
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(rows, dtype=values.dtype)  # A_{t+1}, within the response
+    zero = torch.zeros(rows, dtype=values.dtype)
+    for t in reversed(range(width)):
+        inside_next = mask[:, t + 1] if t + 1 < width else zero  # token t+1 is still the response
+        next_value = values[:, t + 1] * inside_next if t + 1 < width else zero
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * inside_next * running
+        advantages[:, t] = running * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def _outcome_estimator(fn: AdvantageFn) -> Callable[..., tuple[Tensor, None]]:
+    def estimate(token_rewards: Tensor, loss_mask: Tensor, values: Tensor | None = None, *,
+                 group_size: int, **_: float) -> tuple[Tensor, None]:
+        outcome = token_rewards.sum(dim=1)  # (B,): NaN for dropped rows, which the estimators leave out
+        return token_advantages(torch.nan_to_num(fn(outcome.view(-1, group_size)), nan=0.0), loss_mask), None
+    estimate.__doc__ = f"{fn.__name__} on each response's summed token rewards, broadcast to its tokens."
+    return estimate
+
+
+def gae_estimator(token_rewards: Tensor, loss_mask: Tensor, values: Tensor | None = None, *,
+                  gamma: float = 1.0, lam: float = 0.95, **_: float) -> tuple[Tensor, Tensor]:
+    """`gae_advantages` with the advantages whitened over the batch's response tokens."""
+    if values is None:
+        raise ValueError("rl.advantage=gae needs the critic's values: set learner.critic.enabled=true (algo=ppo)")
+    advantages, returns = gae_advantages(token_rewards, values, loss_mask, gamma, lam)
+    return masked_whiten(advantages, loss_mask) * (loss_mask != 0), returns
+
+
+ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor | None]]] = {
+    **{name: _outcome_estimator(fn) for name, fn in ADVANTAGES.items()},
+    "gae": gae_estimator,
+}

@@ -20,20 +20,18 @@ def _response(prompt: list[int], response: list[int], logprobs: list[float], fin
 
 def test_rl_batch_positions_and_padding() -> None:
     responses = [_response([5, 6], [7, 8, 9], [-0.1, -0.2, -0.3]), _response([5], [4], [-0.5], "length")]
-    batch = rl_batch(responses, torch.tensor([1.5, -2.0]), torch.tensor([1.0, 0.0]), pad_id=0)
+    batch = rl_batch(responses, torch.tensor([1.0, 0.0]), pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     # token t is a response token -> loss_mask[t] = 1 (predicted from tokens < t)
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert batch["advantages"].tolist() == [[0, 0, 1.5, 1.5, 1.5], [0, -2.0, 0, 0, 0]]
     assert torch.allclose(batch["rollout_logprobs"], torch.tensor([[0, 0, -0.1, -0.2, -0.3], [0, -0.5, 0, 0, 0]]))
 
 
 def test_rl_batch_drops_unjudged_samples() -> None:
     responses = [_response([5], [7, 8], [-0.1, -0.2]), _response([5], [4], [-0.5])]
-    batch = rl_batch(responses, torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]), pad_id=0)
+    batch = rl_batch(responses, torch.tensor([float("nan"), 1.0]), pad_id=0)
     assert batch["loss_mask"][0].sum() == 0  # score None: no token of it is trained on
-    assert not torch.isnan(batch["advantages"]).any()
 
 
 def test_rollout_metrics_by_hand() -> None:

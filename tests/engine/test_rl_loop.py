@@ -207,7 +207,7 @@ def test_synced_rollout_logprobs_match_the_learner(trained_learner, tiny_model, 
         assert rollout.versions() == [1] and {r.weight_version for r in responses} == {1}
     finally:
         rollout.shutdown()
-    batch = rl_batch(responses, torch.zeros(len(responses)), torch.zeros(len(responses)), pad_id=0)
+    batch = rl_batch(responses, torch.zeros(len(responses)), pad_id=0)
     mask = batch["loss_mask"].bool()  # (B, T): the sampled tokens
     assert mask.sum() >= 6
     learner_logprobs = learner.logprobs(batch)  # (B, T)
@@ -279,7 +279,7 @@ def test_dapo_that_cannot_fill_its_batch_says_so_and_skips_the_update(ray_local,
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-@pytest.mark.parametrize("algo", ["dr_grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("algo", ["dr_grpo", "rloo", "reinforce_pp", "ppo"])
 def test_two_steps_of_each_algo_with_two_learners(ray_local, prompts_file, tiny_model, tmp_path, algo) -> None:
     """`algo=grpo` runs in tests/engine/test_rl.py and `algo=dapo` above, both with 2 learners."""
     from engine.cli import run_stage
@@ -294,3 +294,32 @@ def test_two_steps_of_each_algo_with_two_learners(ray_local, prompts_file, tiny_
         assert 0.0 < records[step]["rollout/reward_mean"] < 1.0 and records[step]["learner/grad_norm"] > 0
         assert records[step]["learner/logprob_diff"] < 1e-4
     assert records[2]["rollout/weight_version"] == 2
+    if algo in ("ppo", "reinforce_pp"):  # KL in the reward: the reference is scored, 0 before any update
+        assert records[1]["rl/kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and records[2]["rl/kl_to_ref"] != 0.0
+    if algo == "ppo":  # the critic trained on both ranks' shares: its loss and grad norm are real numbers
+        assert records[2]["critic/value_loss"] > 0 and records[2]["critic/grad_norm"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_async_rollout_runs_ahead_but_never_past_max_staleness(ray_local, prompts_file, tiny_model, tmp_path) -> None:
+    """`rl.max_staleness=1`: the rollout of step j + 1 overlaps the update of step j, so its samples come
+    from weights one version old (importance-corrected by tis_cap); none is ever older than that."""
+    from engine.cli import run_stage
+    from engine.config import ConfigError, compose_config
+    from engine.metrics import read_metrics
+
+    args = [*_file_run_args(prompts_file, tiny_model, tmp_path, "EvenLengthVerifier"), "steps=4"]
+    with pytest.raises(ConfigError, match="learner.tis_cap"):
+        compose_config([*args, "rl.max_staleness=1"])
+    result = run_stage(compose_config([*args, "rl.max_staleness=1", "learner.tis_cap=2.0"]))
+    records = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
+    staleness = [records[step]["rollout/staleness_max"] for step in (1, 2, 3, 4)]
+    assert staleness[0] == 0  # step 1 is sampled from the starting weights, which it trains
+    assert max(staleness) == 1 and all(s <= 1 for s in staleness), staleness
+    assert all(records[step]["rollout/stale_dropped"] == 0 for step in (1, 2, 3, 4))
+    assert all(records[step]["learner/grad_norm"] > 0 for step in (1, 2, 3, 4))
+    assert records[4]["rollout/weight_version"] == 4
+    # the learner saw the lag: old weights' logprobs differ from the current ones by far more than 1e-4
+    assert max(records[step]["learner/logprob_diff"] for step in (2, 3, 4)) > 1e-3

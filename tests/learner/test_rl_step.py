@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from learner.algos import entropy_from_logits
-from learner.config import LearnerConfig, validate
+from learner.config import CriticConfig, LearnerConfig, validate
 from learner.group import LearnerGroup, free_port, minibatch_normalisers, minibatch_rank_rows
 from learner.worker import LearnerWorker
 from tests.learner.conftest import make_batch
@@ -209,6 +209,36 @@ def test_rl_save_load_resumes_exactly_with_reference(tiny_model_dir: str, tmp_pa
         resumed = [w.train_rl_step(b) for b in batches[1:]]
         for key in ("learner/loss", "learner/kl", "learner/grad_norm", "learner/step"):
             assert [m[key] for m in resumed] == pytest.approx([m[key] for m in uninterrupted], rel=1e-6), key
+    finally:
+        w.close()
+
+
+def test_critic_learns_the_returns_and_resumes_exactly(tiny_model_dir: str, tmp_path: Path) -> None:
+    """PPO's critic: `prepare` scores values (0 from the zero-initialised head), each minibatch also
+    steps the critic towards the returns, and a checkpoint restores it (values and optimizer)."""
+    w = new_worker(tiny_model_dir, ppo_epochs=2, kl_reward_coef=0.1, critic=CriticConfig(enabled=True, lr=1e-3))
+    try:
+        batches = [rl_batch(4, seed=40 + i, row_advantages=[1.0, -0.5, 0.5, -1.0]) for i in range(3)]
+        for b in batches:
+            b["returns"] = 0.5 * b["loss_mask"]  # the value every response token should learn
+        scored = w.prepare(batches[0])
+        assert set(scored) == {"old_logprobs", "ref_logprobs", "values"}  # kl_reward_coef builds the reference
+        assert scored["values"].abs().max() == 0  # zero head
+        torch.testing.assert_close(scored["old_logprobs"], scored["ref_logprobs"])  # nothing trained yet
+        with pytest.raises(ValueError, match="'returns'"):
+            w.train_rl_step(batches[0])
+        first = w.train_rl_step(batches[0] | scored)
+        assert first["critic/returns"] == pytest.approx(0.5)
+        assert first["critic/value_loss"] > 0 and math.isfinite(first["critic/grad_norm"])
+        w.save(str(tmp_path))
+        later = [w.train_rl_step(b | w.prepare(b)) for b in batches[1:]]
+        mask = batches[0]["loss_mask"] != 0
+        moved = w.prepare(batches[0])["values"][mask]
+        assert float((moved - 0.5).abs().mean()) < 0.3  # from 0 towards the returns (0.5 away at the start)
+        w.load(str(tmp_path))
+        resumed = [w.train_rl_step(b | w.prepare(b)) for b in batches[1:]]
+        for key in ("learner/loss", "critic/value_loss", "critic/grad_norm", "learner/step"):
+            assert [m[key] for m in resumed] == pytest.approx([m[key] for m in later], rel=1e-6), key
     finally:
         w.close()
 
