@@ -80,6 +80,9 @@ class RLConfig:
     falls linearly by up to `overlong_penalty` (0: off)."""
     overlong_penalty: float = 1.0
     """The penalty at `rollout.max_tokens` (see `overlong_buffer`)."""
+    collector: str = "tasks"
+    """What a step trains on (`engine.rl.COLLECTORS`): `tasks` (groups of G responses to tasks from the
+    task source)."""
     max_staleness: int = 0
     """Async rollout: the rollout of step j may run while the learner still trains up to `max_staleness`
     earlier steps, so samples come from weights at most that many versions old (0: synchronous,
@@ -145,6 +148,7 @@ class AssayConfig:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "stage": ("pretrain", "sft", "rl"),
     "rl.advantage": tuple(ESTIMATORS),
+    "rl.collector": ("tasks",),
     "learner.loss": tuple(LOSSES),
     "cluster.placement": ("colocated", "split"),
 }

@@ -16,6 +16,7 @@ reward is left out of the group statistics.
 
 from __future__ import annotations
 
+import importlib
 import time
 from contextlib import ExitStack, closing
 from dataclasses import replace
@@ -65,8 +66,10 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         if start == 0:  # the baseline the curves start from
             sink.log(0, evaluate(rollout, scorers, eval_tasks, cfg))
 
+        collect_step = collector(cfg.rl.collector)
+
         def produce(step: int) -> tuple[list[Response], torch.Tensor, dict[str, float], SourceAt]:
-            return *collect(source, rollout, scorers, cfg, step), SourceAt(source.state_dict())
+            return *collect_step(source, rollout, scorers, cfg, step), SourceAt(source.state_dict())
 
         # rollout of step j may start once step j - rl.max_staleness - 1 is done (0: synchronous)
         ahead = Ahead(produce, start, cfg.steps, cfg.rl.max_staleness)
@@ -94,6 +97,17 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             t_end = time.perf_counter()
         export = export_final(run_dir, learner, stream_at, cfg.steps)
     return StageResult(run_dir, export, cfg.steps, metrics)
+
+
+# `rl.collector`: what one step trains on, as `fn(source, rollout, scorers, cfg, step) -> (responses in
+# group order, rewards (P, G), metrics)`; named by `module:function` so a collector may import this module.
+COLLECTORS = {"tasks": "engine.rl:collect"}
+
+
+def collector(name: str) -> Any:
+    """The collector function `rl.collector` names (a key of COLLECTORS)."""
+    module, _, function = COLLECTORS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 class SourceAt:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import sympy
 from sympy.parsing.sympy_parser import parse_expr
 
 from engine.tasks.base import EQUATION_FORMS as FORMS
-from engine.tasks.base import TaskConfig
+from engine.tasks.base import SeededStream, TaskConfig
 from verifiers.base import Task
 
 _NEEDS_TWO = ("bracket", "divided")  # forms whose `a` is at least 2 in absolute value
@@ -60,7 +59,7 @@ def form_space(form: str, coefficient_range: int) -> int:
     }[form]
 
 
-class LinearEquationsSource:
+class LinearEquationsSource(SeededStream):
     """Seeded stream of linear equations with a fixed held-out set (see the module docstring)."""
 
     def __init__(
@@ -87,7 +86,7 @@ class LinearEquationsSource:
                              f"equations (coefficient_range={coefficient_range}, forms={list(self.forms)})")
         self._eval = self._held_out()
         self._held = set(self._eval)
-        self._index = 0
+        self._index = 0  # SeededStream: the stream position
 
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> LinearEquationsSource:
@@ -95,27 +94,18 @@ class LinearEquationsSource:
         return cls(c.coefficient_range, list(c.forms), c.integer_solutions, seed=seed, eval_size=cfg.eval_size)
 
     def sample(self, n: int) -> list[Task]:
-        start, self._index = self._index, self._index + n
+        indices = self._advance(n)
         return [self._task(f"linear_equations-{self.seed}-{i}", self._train_draw(f"train:{i}"))
-                for i in range(start, start + n)]
+                for i in indices]
 
     def eval_tasks(self, n: int) -> list[Task]:
-        if n > self.eval_size:
-            raise ValueError(f"asked for {n} held-out tasks but task.eval_size is {self.eval_size}")
+        self._check_eval_size(n)
         return [self._task(f"linear_equations-eval-{i}", eq) for i, eq in enumerate(self._eval[:n])]
 
     def corpus(self, n_docs: int) -> Iterator[str]:
         for i in range(n_docs):
             task = self._task("", self._train_draw(f"corpus:{i}"))
             yield f"{task.prompt}{task.meta['response']}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self._index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}")
-        self._index = int(state["index"])
 
     def _draw(self, rng: random.Random) -> str:
         """One equation's text, e.g. `3*(x - 4) = 6`."""

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
 
-from engine.tasks.base import TaskConfig, check_answer_knobs
+from engine.tasks.base import SeededStream, TaskConfig, check_answer_knobs
 from verifiers.base import Task
 
 OPERATORS = "+-*"
@@ -45,7 +44,7 @@ def evaluate(expression: str) -> int:
     return total
 
 
-class ArithmeticSource:
+class ArithmeticSource(SeededStream):
     """Seeded stream of arithmetic tasks with a fixed held-out set (see the module docstring)."""
 
     def __init__(
@@ -78,7 +77,7 @@ class ArithmeticSource:
             )
         self._eval = self._held_out()
         self._held = set(self._eval)
-        self._index = 0
+        self._index = 0  # SeededStream: the stream position
 
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> ArithmeticSource:
@@ -87,31 +86,20 @@ class ArithmeticSource:
                    answer_format=a.answer_format, teacher_accuracy=a.teacher_accuracy)
 
     def sample(self, n: int) -> list[Task]:
-        start, self._index = self._index, self._index + n
+        indices = self._advance(n)
         return [
             self._task(f"arithmetic-{self.seed}-{i}", self._train_draw(f"train:{i}"), self._teacher_right(f"train:{i}"))
-            for i in range(start, start + n)
+            for i in indices
         ]
 
     def eval_tasks(self, n: int) -> list[Task]:
-        if n > self.eval_size:
-            raise ValueError(f"asked for {n} held-out tasks but task.eval_size is {self.eval_size}")
+        self._check_eval_size(n)
         return [self._task(f"arithmetic-eval-{i}", expr) for i, expr in enumerate(self._eval[:n])]
 
     def corpus(self, n_docs: int) -> Iterator[str]:
         for i in range(n_docs):
             task = self._task("", self._train_draw(f"corpus:{i}"), self._teacher_right(f"corpus:{i}"))
             yield f"{task.prompt}{task.meta['response']}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self._index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}"
-            )
-        self._index = int(state["index"])
 
     def _draw(self, rng: random.Random) -> str:
         parts = [str(rng.randrange(10**self.digits))]

@@ -272,6 +272,33 @@ class TaskConfig:
     """Knobs of the `curriculum` source."""
 
 
+class SeededStream:
+    """The resumable position shared by sources whose training task i is drawn from its own generator
+    seeded with `(seed, i)`: the stream position is one integer, so resuming is exact. A subclass sets
+    `seed` and `eval_size` and draws `sample(n)`'s tasks at the indices `_advance(n)` returns."""
+
+    seed: int
+    eval_size: int
+    _index: int = 0
+
+    def _advance(self, n: int) -> range:
+        """The next `n` training indices; moves the stream past them."""
+        start, self._index = self._index, self._index + n
+        return range(start, start + n)
+
+    def _check_eval_size(self, n: int) -> None:
+        if n > self.eval_size:
+            raise ValueError(f"asked for {n} held-out tasks but task.eval_size is {self.eval_size}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self._index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}")
+        self._index = int(state["index"])
+
+
 def load_task_source(name_or_path: str, cfg: TaskConfig, seed: int) -> TaskSource:
     """Build the task source named by an `assay.tasks` entry point or by `module:Class`."""
     cls = _resolve(name_or_path)

@@ -32,10 +32,9 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from engine.tasks.base import CODE_MODES as MODES
-from engine.tasks.base import TaskConfig
+from engine.tasks.base import SeededStream, TaskConfig
 from verifiers.base import Task
 from verifiers.code_output import run_calls
 from verifiers.sandbox import Limits, resolve_isolation
@@ -60,7 +59,7 @@ class Problem:
     inputs: tuple[str, ...]
 
 
-class CodeReasoningSource:
+class CodeReasoningSource(SeededStream):
     """Seeded stream of code-reasoning tasks with a fixed held-out set (see the module docstring)."""
 
     def __init__(
@@ -95,7 +94,7 @@ class CodeReasoningSource:
         self._cache: dict[tuple[str, str], str | None] = {}  # (program, input) -> output repr, None: raised
         self._eval = self._held_out()
         self._held = {problem.program for problem, _ in self._eval}
-        self._index = 0
+        self._index = 0  # SeededStream: the stream position
 
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> CodeReasoningSource:
@@ -104,13 +103,12 @@ class CodeReasoningSource:
                    seed=seed, eval_size=cfg.eval_size, isolation=c.isolation)
 
     def sample(self, n: int) -> list[Task]:
-        start, self._index = self._index, self._index + n
-        solved = self._solve([f"train:{i}" for i in range(start, start + n)])
-        return [self._task(f"code_reasoning-{self.seed}-{i}", *s) for i, s in zip(range(start, start + n), solved)]
+        indices = self._advance(n)
+        solved = self._solve([f"train:{i}" for i in indices])
+        return [self._task(f"code_reasoning-{self.seed}-{i}", *s) for i, s in zip(indices, solved)]
 
     def eval_tasks(self, n: int) -> list[Task]:
-        if n > self.eval_size:
-            raise ValueError(f"asked for {n} held-out tasks but task.eval_size is {self.eval_size}")
+        self._check_eval_size(n)
         return [self._task(f"code_reasoning-eval-{i}", *s) for i, s in enumerate(self._eval[:n])]
 
     def corpus(self, n_docs: int) -> Iterator[str]:
@@ -119,14 +117,6 @@ class CodeReasoningSource:
             for problem, outputs in self._solve(keys):
                 task = self._task("", problem, outputs)
                 yield f"{task.prompt}{task.meta['response']}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self._index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}")
-        self._index = int(state["index"])
 
     # ------------------------------------------------------------------ drawing and executing
 
@@ -206,7 +196,7 @@ class CodeReasoningSource:
         meta = {"mode": mode, "program": program, "inputs": list(problem.inputs), "outputs": list(outputs)}
         shown = f"```python\n{program}\n```\n"
         if mode == "deduction":
-            prompt = f"{shown}What does {ENTRY_POINT}({problem.inputs[0]}) return? Put the value in \\boxed{{}}.\n"
+            prompt = deduction_prompt(program, problem.inputs[0])
             reference: dict[str, str] = {"mode": "deduction", "output": outputs[0]}
             response, verifier = f"\\boxed{{{outputs[0]}}}", "code_output"
         elif mode == "abduction":
@@ -221,6 +211,11 @@ class CodeReasoningSource:
             reference = {"test": check_source(list(zip(problem.inputs, outputs))), "entry_point": ENTRY_POINT}
             response, verifier = shown, "unit_tests"
         return Task(id=task_id, prompt=prompt, reference=reference, verifier=verifier, meta={"response": response, **meta})
+
+
+def deduction_prompt(program: str, argument: str) -> str:
+    """The prompt of a deduction task: the program, then what `f(argument)` returns (the self-play solver's too)."""
+    return f"```python\n{program}\n```\nWhat does {ENTRY_POINT}({argument}) return? Put the value in \\boxed{{}}.\n"
 
 
 def check_source(cases: list[tuple[str, str]]) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from engine.tasks.base import TaskConfig, problem_hash
+from engine.tasks.base import SeededStream, TaskConfig, problem_hash
 from verifiers.base import Task
 
 INSTRUCTION = "Give your final answer as <answer>...</answer>.\n"
@@ -49,7 +49,7 @@ def create_dataset(name: str, options: dict[str, Any], seed: int) -> Any:
         raise ValueError(f"task.reasoning_gym.options={options!r} for {name!r}: {err}") from None
 
 
-class ReasoningGymSource:
+class ReasoningGymSource(SeededStream):
     """One reasoning-gym dataset as a seeded, resumable task stream (see the module docstring)."""
 
     def __init__(self, dataset: str, options: dict[str, Any] | None = None, seed: int = 0, eval_size: int = 64) -> None:
@@ -61,7 +61,7 @@ class ReasoningGymSource:
         self.chunk_size = len(self._chunk("eval", 0))  # builds the first dataset: checks name and options
         self._eval = self._held_out()
         self._held = {entry["question"] for entry in self._eval}
-        self._index = 0
+        self._index = 0  # SeededStream: the stream position
 
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> ReasoningGymSource:
@@ -69,26 +69,17 @@ class ReasoningGymSource:
         return cls(c.dataset, dict(c.options), seed=seed, eval_size=cfg.eval_size)
 
     def sample(self, n: int) -> list[Task]:
-        start, self._index = self._index, self._index + n
-        return [self._task(f"reasoning_gym-{self.seed}-{i}", self._fresh("train", i)) for i in range(start, start + n)]
+        indices = self._advance(n)
+        return [self._task(f"reasoning_gym-{self.seed}-{i}", self._fresh("train", i)) for i in indices]
 
     def eval_tasks(self, n: int) -> list[Task]:
-        if n > self.eval_size:
-            raise ValueError(f"asked for {n} held-out tasks but task.eval_size is {self.eval_size}")
+        self._check_eval_size(n)
         return [self._task(f"reasoning_gym-eval-{i}", entry) for i, entry in enumerate(self._eval[:n])]
 
     def corpus(self, n_docs: int) -> Iterator[str]:
         for i in range(n_docs):
             task = self._task("", self._fresh("corpus", i))
             yield f"{task.prompt}{task.meta['response'] or ''}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self._index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}")
-        self._index = int(state["index"])
 
     def _entry(self, stream: str, index: int) -> dict[str, Any]:
         chunk, offset = divmod(index, self.chunk_size)
