@@ -82,7 +82,7 @@ class RLConfig:
     """The penalty at `rollout.max_tokens` (see `overlong_buffer`)."""
     collector: str = "tasks"
     """What a step trains on (`engine.rl.COLLECTORS`): `tasks` (groups of G responses to tasks from the
-    task source)."""
+    task source) or `selfplay` (the policy proposes tasks and solves them, `engine.selfplay`)."""
     max_staleness: int = 0
     """Async rollout: the rollout of step j may run while the learner still trains up to `max_staleness`
     earlier steps, so samples come from weights at most that many versions old (0: synchronous,
@@ -90,6 +90,35 @@ class RLConfig:
     are dropped."""
     mask_truncated: bool = False
     """Leave responses cut at `rollout.max_tokens` out of the loss and the group statistics."""
+
+
+@dataclass
+class SelfPlayConfig:
+    """The proposer-solver collector (`rl.collector=selfplay`, `engine.selfplay`)."""
+
+    proposer_prompts: int = 2
+    """Proposer prompts per RL step, each sampled `rollout.n` times (one proposer group each); the other
+    `rl.prompts_per_step - proposer_prompts` groups of the step are solver groups."""
+    examples: int = 2
+    """Buffer tasks a proposer prompt shows (the SFT demonstrations of `engine.selfplay:SelfPlaySource` show 1-2)."""
+    invalid_reward: float = -1.0
+    """Proposer reward of an invalid proposal (a valid one gets its learnability, in [0, 1))."""
+    seed_tasks: int = 16
+    """Deduction tasks of `task.source` the buffer starts with, so the first proposer prompts have examples."""
+    buffer_size: int = 512
+    """Most tasks the buffer keeps (the oldest go first)."""
+    near_duplicate: float = 0.9
+    """A proposal whose token-trigram set (normalised program and input) has a Jaccard similarity at
+    least this high with a buffer task's is a near-duplicate (1.0: exact duplicates only)."""
+    max_output_chars: int = 100
+    """Longest `repr` of a proposal's output."""
+    timeout_s: float = 2.0
+    """Wall-clock limit of one sandbox run of the proposals' validation calls."""
+    contamination_n: int = 20
+    """Drop a new task whose prompt shares an n-gram this many word tokens long with an eval prompt
+    (`engine.contamination`). Not GPT-3's 13: a deduction prompt is ~30 tokens, ~10 of them template,
+    and 13 flagged 123 of 200 code_reasoning training tasks against 64 held-out ones (20: 7, each a
+    held-out program with one token changed; 30: none)."""
 
 
 @dataclass
@@ -142,13 +171,14 @@ class AssayConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    selfplay: SelfPlayConfig = field(default_factory=SelfPlayConfig)
 
 
 # Closed sets of values; the message of a bad value lists them.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "stage": ("pretrain", "sft", "rl"),
     "rl.advantage": tuple(ESTIMATORS),
-    "rl.collector": ("tasks",),
+    "rl.collector": ("tasks", "selfplay"),
     "learner.loss": tuple(LOSSES),
     "cluster.placement": ("colocated", "split"),
 }

@@ -17,6 +17,7 @@ reward is left out of the group statistics.
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from contextlib import ExitStack, closing
 from dataclasses import replace
@@ -96,12 +97,16 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             ahead.finished(step + 1)
             t_end = time.perf_counter()
         export = export_final(run_dir, learner, stream_at, cfg.steps)
+        finish = getattr(sys.modules[collect_step.__module__], "finish", None)  # a collector's own report
+        if finish is not None:
+            finish(run_dir)
     return StageResult(run_dir, export, cfg.steps, metrics)
 
 
 # `rl.collector`: what one step trains on, as `fn(source, rollout, scorers, cfg, step) -> (responses in
 # group order, rewards (P, G), metrics)`; named by `module:function` so a collector may import this module.
-COLLECTORS = {"tasks": "engine.rl:collect"}
+# A collector's module may define `finish(run_dir)`, called after the stage's final export (its report).
+COLLECTORS = {"tasks": "engine.rl:collect", "selfplay": "engine.selfplay:collect"}
 
 
 def collector(name: str) -> Any:
