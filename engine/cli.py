@@ -38,6 +38,20 @@ DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
              "task.arithmetic.teacher_accuracy=0.4")),
     ("rl", ("steps=50", "eval_every=10", "learner.lr=3e-5", "learner.warmup_steps=10")),
 )
+# `experiment=code_demo` (the policy writes Python, the sandboxed unit_tests verifier scores it): the same
+# four stages; SFT evaluates every 50 steps and RL runs 20 steps at a higher rate, because each sampled
+# program costs a sandbox run (~90 ms of CPU) and verification is most of an RL step.
+CODE_DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("pretrain", ("steps=200", "learner.lr=2e-3", "learner.warmup_steps=20", "learner.batch_size=32",
+                  "learner.micro_batch_size=16")),
+    ("sft", ("stage_dir=sft_clean", "steps=3000", "stop_at_accuracy=0.9", "eval_every=50", "learner.lr=2e-3",
+             "learner.warmup_steps=10")),
+    ("sft", ("init_from=sft_clean", "steps=150", "eval_every=50", "learner.lr=1e-3", "learner.warmup_steps=10",
+             "task.linear_code.teacher_accuracy=0.4")),
+    ("rl", ("steps=20", "eval_every=10", "learner.lr=1e-4", "learner.warmup_steps=5")),
+)
+# experiment -> its demo stages; any other experiment runs DEMO_STAGES.
+STAGES_BY_EXPERIMENT = {"code_demo": CODE_DEMO_STAGES}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,8 +100,9 @@ def _demo(args: argparse.Namespace) -> int:
     user = list(args.overrides)
     if not any(o.startswith("experiment=") for o in user):
         user.insert(0, "experiment=demo")
+    experiment = [o.partition("=")[2] for o in user if o.startswith("experiment=")][-1]
     results = []
-    for stage, defaults in DEMO_STAGES:
+    for stage, defaults in STAGES_BY_EXPERIMENT.get(experiment, DEMO_STAGES):
         cfg = compose_config([*defaults, f"stage={stage}", *user])
         print(f"[assay] demo stage {stage}: {cfg.steps} steps, {cfg.cluster.learners} learner(s)")
         start = time.perf_counter()

@@ -200,11 +200,20 @@ def optimizer_steps(cfg: AssayConfig) -> int:
 
 
 def score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: int) -> torch.Tensor:
-    """Rewards `(prompts, samples)`; NaN where the verifier could not judge."""
+    """Rewards `(prompts, samples)`; NaN where the verifier could not judge. Identical responses to one
+    prompt are verified once: a sharpened policy repeats itself, and a sandboxed verification costs
+    far more than the lookup (a verdict depends only on the text and the task)."""
     items = [(r.text, tasks[i // n]) for i, r in enumerate(responses)]
     assert all(r.task_id == t.id for r, (_, t) in zip(responses, items)), "responses out of task order"
-    verdicts = score_on_actors(scorers, items)
-    scores = [float("nan") if v.score is None else float(v.score) for v in verdicts]
+    slot: dict[tuple[int, str], int] = {}  # (prompt index, text) -> index into `unique`
+    unique: list[tuple[str, Task]] = []
+    for i, item in enumerate(items):
+        if (i // n, item[0]) not in slot:
+            slot[(i // n, item[0])] = len(unique)
+            unique.append(item)
+    verdicts = score_on_actors(scorers, unique)
+    scores = [float("nan") if (v := verdicts[slot[(i // n, text)]]).score is None else float(v.score)
+              for i, (text, _) in enumerate(items)]
     return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n)  # (P, G)
 
 

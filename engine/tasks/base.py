@@ -122,6 +122,28 @@ class FileConfig:
     of `path` (the `eval_size` rows whose prompt hashes lowest), removed from training."""
 
 
+@dataclass
+class LinearCodeConfig:
+    """Difficulty knobs of the built-in coding tasks `linear_code` (write `f(x) = a*x + b` from examples)."""
+
+    max_slope: int = 9
+    """Slopes `a` are drawn from 1 .. max_slope."""
+
+    max_intercept: int = 99
+    """Intercepts `b` are drawn from 0 .. max_intercept."""
+
+    examples: int = 3
+    """Input/output pairs the prompt shows, at x = 0, 1, ... (at least 2: two points fix a line)."""
+
+    hidden_tests: int = 4
+    """Inputs the verifier checks the program on, none of them shown in the prompt."""
+
+    teacher_accuracy: float = 1.0
+    """Fraction of training demonstrations that are right; the others read the intercept off f(1)
+    instead of f(0) (a flawed teacher: `f(0)=3 f(1)=5` -> `return 2*x+5`). The hidden tests the
+    verifier runs always check the right function."""
+
+
 EQUATION_FORMS = ("one_sided", "bracket", "two_sided", "divided")  # a*x+b=c, a*(x+b)=c, a*x+b=c*x+d, x/a+b=c
 CODE_MODES = ("deduction", "abduction", "induction")
 
@@ -270,6 +292,9 @@ class TaskConfig:
 
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Knobs of the `curriculum` source."""
+
+    linear_code: LinearCodeConfig = field(default_factory=LinearCodeConfig)
+    """Knobs of the `linear_code` source."""
 
 
 class SeededStream:
