@@ -1,4 +1,4 @@
-"""Rollout throughput and weight-sync time of our rollout side against plain peers, in one run.
+"""Our RL side against peers, in one run: rollout throughput, weight-sync time, and GRPO training against TRL.
 
 (a) Rollout: the same P arithmetic prompts x n samples (temperature 1, `max_tokens` M, stopping at eos)
     through plain transformers `model.generate(do_sample=True)` in this process (one left-padded
@@ -18,13 +18,33 @@ params; max_tokens 12). Repeats are interleaved (peer, hf, vllm, peer, ...) and 
 reported, because this machine is shared; every system is warmed up with one full pass first.
 Engine start-up is reported apart.
 
+(c) GRPO training (bench/trl_compare.py): Assay's RL stage (`engine.rl.run_rl` on a composed
+    `experiment=demo stage=rl` config) against TRL's `GRPOTrainer` (CPU, `use_vllm=False`), one after the
+    other from the same SFT checkpoint, on the same prompts in the same order, the same reward (our `math`
+    verifier, in-process for TRL), G, max tokens, learning rate, optimizer, schedule, minibatch and number of
+    steps; samples/s, tokens/s, the mean train reward of the last `--last` steps and the held-out greedy
+    accuracy of the final weights, with a table of every setting and where the two differ. Goal: Assay
+    >= 2x TRL's samples/s at an equal or better reward. The checkpoint is `--model DIR`, else the demo's
+    flawed-teacher SFT export of an earlier `assay demo` (runs/demo/sft/final/hf), else one built now by
+    the demo's first three stages into runs/bench_rl/ and reused by later runs (see trl_compare).
+    Needs the bench extra: pip install "torch==2.13.0" -e ".[cpu,bench]"; without trl a full run skips (c).
+
     python bench/rl.py [--quick] [--repeats 3] [--threads 2] [--hidden 256 --layers 4 --heads 4
-                       --intermediate 1024] [--model DIR] [--out FILE.json]
+                       --intermediate 1024] [--model DIR] [--out FILE.json]         (a), (b) and (c)
+    python bench/rl.py --trl [--model SFT_DIR] [--steps 20] [--lr 3e-5] [--batch-size 128]
+                       [--assay-override KEY=VALUE ...] --out FILE.json               (c) only
+    python bench/rl.py --no-trl ...                                                   (a) and (b) only
+
+`--out` writes one JSON: (a) under "rollout", (b) under "sync" (with "args", "startup", ...), and (c) as
+{"assay": {"samples_per_s", "tokens_per_s", "reward", "heldout_greedy", ...}, "trl": {...},
+"settings": {..., "table": [...]}}. `--model` is the served model of (a)/(b) and the starting checkpoint
+of (c) (a demo-format SFT export); without it (a)/(b) build a random tiny Llama.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -293,11 +313,51 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=12, help="most generated tokens per sample")
     parser.add_argument("--repeats", type=int, default=3, help="timed, interleaved repeats per system")
     parser.add_argument("--sync-repeats", type=int, default=5, help="timed weight updates per system")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 8 prompts x 4, 8 tokens, 2 repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 8 prompts x 4, 8 tokens, 2 repeats; GRPO 3 steps")
     parser.add_argument("--out", help="write the results as JSON to this file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--trl", action="store_true", help="only (c): GRPO training, Assay against TRL")
+    which.add_argument("--no-trl", action="store_true", help="only (a) and (b)")
+    parser.add_argument("--steps", type=int, default=20, help="(c): RL steps (generation batches) of each system")
+    parser.add_argument("--lr", type=float, default=3e-5, help="(c): peak learning rate (the demo's RL stage)")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="(c): optimizer steps of linear warmup")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="(c): sequences per optimizer step (prompts x n must be a multiple)")
+    parser.add_argument("--last", type=int, default=5, help="(c): the reward is the mean over this many last steps")
+    parser.add_argument("--assay-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="(c): extra Hydra override of Assay's RL stage, mapped to TRL where it has one")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.n, args.max_tokens, args.repeats, args.sync_repeats = 8, 4, 8, 2, 2
+        args.steps, args.batch_size, args.warmup_steps, args.last = 3, 32, 1, 2
+    trl_wanted = not args.no_trl
+    if trl_wanted and importlib.util.find_spec("trl") is None:
+        if args.trl:
+            parser.error('--trl needs trl: pip install "torch==2.13.0" -e ".[cpu,bench]"')
+        print('[bench] trl is not installed: skipping (c), the GRPO comparison (pip install -e ".[cpu,bench]")')
+        trl_wanted = False
+    result: dict[str, Any] = {"args": vars(args)}
+    if not args.trl:
+        result.update(bench_serving(args))
+        print_tables(result)
+    if trl_wanted:
+        from bench.trl_compare import GrpoBench, compare, print_comparison
+
+        bench = GrpoBench(steps=args.steps, prompts=args.prompts, n=args.n, max_tokens=args.max_tokens, lr=args.lr,
+                          warmup_steps=args.warmup_steps, batch_size=args.batch_size, threads=args.threads,
+                          last=args.last, overrides=tuple(args.assay_override))
+        with tempfile.TemporaryDirectory() as tmp:
+            result.update(compare(bench, args.model, args.quick, Path(tmp)))
+        print()
+        print_comparison(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def bench_serving(args: argparse.Namespace) -> dict[str, Any]:
+    """(a) and (b): rollout throughput and weight sync, with what the tables print."""
+    import ray
 
     from engine.ray_cluster import init_ray
     from engine.tasks.arithmetic import ArithmeticSource
@@ -320,8 +380,8 @@ def main() -> None:
             for group in {id(g): g for g in (*rollout_groups.values(), *sync_groups.values())}.values():
                 group.shutdown()
         n_params = sum(t.numel() for t in PlainGenerate(model_dir).model.parameters())
-    result = {
-        "args": vars(args),
+    ray.shutdown()  # (c) starts its own Ray instance with the RL stage's resources
+    return {
         "n_params": n_params,
         "peer_threads": torch.get_num_threads(),
         "startup": startup,
@@ -330,9 +390,6 @@ def main() -> None:
         "rollout": rollout,
         "sync": sync,
     }
-    print_tables(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
