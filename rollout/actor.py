@@ -48,7 +48,12 @@ class RolloutActor:
         state = load_published(handle)
         fetch_s = time.perf_counter() - start
         load_s = self.worker.load_weights(state, handle.version)
-        return {"rollout/weight_fetch_s": fetch_s, "rollout/weight_load_s": load_s}
+        fast = float(getattr(self.worker.backend, "fast_load", False))
+        return {
+            "rollout/weight_fetch_s": fetch_s,
+            "rollout/weight_load_s": load_s,
+            "rollout/weight_load_fast": fast,
+        }
 
     def version(self) -> int:
         return self.worker.version

@@ -111,4 +111,9 @@ class RolloutWorker:
 def _vllm_kwargs(cfg: RolloutConfig) -> dict[str, object]:
     if cfg.backend != "vllm":
         return {}
-    return {"kv_cache_gib": cfg.kv_cache_gib, "enforce_eager": cfg.enforce_eager, "seed": cfg.seed}
+    return {
+        "kv_cache_gib": cfg.kv_cache_gib,
+        "enforce_eager": cfg.enforce_eager,
+        "seed": cfg.seed,
+        "max_num_seqs": cfg.max_num_seqs,
+    }

@@ -97,6 +97,7 @@ def test_published_weights_are_served_in_place(
     handle = sync.publish(state, version)
     metrics = ray_local.get(actor.update_weights.remote(handle))
     assert metrics["rollout/weight_load_s"] >= 0
+    assert metrics["rollout/weight_load_fast"] == 1.0  # on CPU: the in-place path, not reload_weights
     assert ray_local.get(actor.version.remote()) == version
     for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):
         assert r.weight_version == version
@@ -118,6 +119,18 @@ def test_a_corrupt_bucket_is_refused_and_the_old_version_kept(ray_local, actor, 
     with pytest.raises(WeightSyncError, match=r"weight version 3 from .* fails its checksum"):
         ray_local.get(actor.update_weights.remote(handle))
     assert ray_local.get(actor.version.remote()) == 2  # still serving the last good version
+
+
+def test_weights_missing_a_tensor_are_refused_before_the_model_is_touched(
+    ray_local, actor, model_dir, tmp_path
+):
+    state = perturbed_state(model_dir, seed=4)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    sync = ShmWeightSync(str(tmp_path))
+    with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) of the served checkpoint.*up_proj"):
+        ray_local.get(actor.update_weights.remote(sync.publish(state, 4)))
+    assert ray_local.get(actor.version.remote()) == 2
+    sync.close()
 
 
 def test_seeded_requests_beyond_one_prefill_step_do_not_crash(ray_local, actor):

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from rollout.config import RolloutConfig
 from rollout.weight_sync import (
@@ -43,9 +43,9 @@ def test_checksum_sees_values_names_and_dtypes():
     state = small_state()
     base = state_checksum(state)
     assert base == state_checksum(dict(reversed(list(state.items()))))  # order-free
-    # by hand: CRC-32 of one empty-named 0-d float32 zero = crc32(b"|torch.float32|()" + 4 zero bytes)
-    expected = zlib.crc32(b"\0\0\0\0", zlib.crc32(b"|torch.float32|()"))
-    assert state_checksum({"": torch.tensor(0.0)}) == f"{expected:08x}"
+    # by hand: one empty-named 0-d float32 zero hashes the stream b"|torch.float32|()" + 4 zero bytes
+    expected = xxhash.xxh3_64(b"|torch.float32|()\0\0\0\0").hexdigest()
+    assert state_checksum({"": torch.tensor(0.0)}) == expected
     changed = {**state, "b.weight": state["b.weight"].clone()}
     changed["b.weight"][3] += 1e-6
     assert state_checksum(changed) != base
