@@ -5,9 +5,9 @@ holding `LearnerGroup.state_dict_for_rollout()`); `load(handle) -> state` runs i
 worker. A handle is small and picklable: it carries the version, a checksum of the whole state and
 where the tensors are, so a Ray call can hand it to every actor.
 
-- `shm`: safetensors bucket files in a per-run directory under `/dev/shm` (same node), one
-  directory per version written under a temporary name and renamed into place, so a reader never
-  sees half a version; the newest `keep` versions are kept.
+- `shm`: safetensors bucket files in a per-run directory under `/dev/shm` (same node), in `keep`
+  slots used in turn and rewritten in place (see `ShmWeightSync`); a slot's manifest names the
+  version it holds, and a reader verifies version and checksum.
 - `ray`: buckets in the Ray object store (any node); the publisher holds the refs of the newest
   `keep` versions so they outlive the call that hands them out.
 - `nccl`: a broadcast from the publisher to every worker over one process group (NCCL on GPUs,
@@ -24,6 +24,7 @@ it catches a corrupted or mixed-up bucket, not a deliberate forgery. (On this CP
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -132,36 +133,52 @@ def verify(handle: WeightHandle, state: dict[str, Tensor], claimed_version: int,
 
 @dataclass
 class ShmWeightSync:
-    """Safetensors buckets in `shm_dir/assay-weights-<run>/v<version>/` (same node only)."""
+    """Safetensors buckets in `keep` slots `shm_dir/assay-weights-<run>/slot-<k>/` (same node only),
+    used in turn: version after version overwrites the oldest slot.
+
+    A slot whose files already have the state's layout (bucket by bucket the same names, dtypes and
+    shapes: every publish of one run) is rewritten in place through a memory map the publisher keeps
+    open -- no serialization, no new tmpfs pages, no directory churn; on the demo's model that took
+    a publish from 5.5 ms to ~1 ms. A new layout writes fresh files. The slot's manifest (version,
+    checksum, bucket files) is replaced atomically last. A reader checks the manifest's version and
+    the checksum of what it read, so a slot overwritten since its handle was made (the reader is
+    `keep` versions behind) or a torn read is an error naming the version, never silently mixed
+    weights.
+    """
 
     shm_dir: str = "/dev/shm"
     bucket_bytes: int = 256 * 2**20
     keep: int = 2
     run: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    _next_slot: int = field(default=0, repr=False)
+    _layouts: dict[int, list[list[tuple[str, str, tuple[int, ...]]]]] = field(
+        default_factory=dict, repr=False
+    )
+    _maps: dict[str, tuple[mmap.mmap, dict[str, tuple[int, int]]]] = field(default_factory=dict, repr=False)
 
     @property
     def root(self) -> Path:
         return Path(self.shm_dir) / f"assay-weights-{self.run}"
 
     def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle:
-        from safetensors.torch import save_file
-
-        final = self.root / f"v{version:08d}"
-        tmp = self.root / f".v{version:08d}.tmp-{uuid.uuid4().hex[:6]}"
-        tmp.mkdir(parents=True)
+        slot_index = self._next_slot
+        self._next_slot = (slot_index + 1) % self.keep
+        slot = self.root / f"slot-{slot_index}"
         checksum = state_checksum(state)
-        files = []
-        for i, names in enumerate(bucket_names(state, self.bucket_bytes)):
-            files.append(f"bucket-{i:04d}.safetensors")
-            tensors = {n: state[n].detach().to("cpu").contiguous() for n in names}
-            save_file(tensors, str(tmp / files[-1]), metadata={"version": str(version)})
+        buckets = bucket_names(state, self.bucket_bytes)
+        files = [f"bucket-{i:04d}.safetensors" for i in range(len(buckets))]
+        layout = [[(n, str(state[n].dtype), tuple(state[n].shape)) for n in names] for names in buckets]
+        if self._layouts.get(slot_index) == layout:
+            for name, names in zip(files, buckets, strict=True):
+                self._overwrite(slot / name, {n: state[n] for n in names})
+        else:
+            self._write_fresh(slot, files, buckets, state)
+            self._layouts[slot_index] = layout
         manifest = {"version": version, "checksum": checksum, "buckets": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest))
-        if final.exists():
-            shutil.rmtree(final)  # a republished version replaces the old files whole
-        os.rename(tmp, final)
-        self._prune(version)
-        return WeightHandle("shm", version, checksum, str(final), len(state), _nbytes(state))
+        tmp = slot / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:6]}"
+        tmp.write_text(json.dumps(manifest))
+        os.replace(tmp, slot / MANIFEST)
+        return WeightHandle("shm", version, checksum, str(slot), len(state), _nbytes(state))
 
     def load(self, handle: WeightHandle) -> dict[str, Tensor]:
         from safetensors.torch import load_file
@@ -170,9 +187,14 @@ class ShmWeightSync:
         manifest_file = directory / MANIFEST
         if not manifest_file.is_file():
             raise WeightSyncError(
-                f"weight version {handle.version}: {manifest_file} is missing (pruned, or another node's /dev/shm?)"
+                f"weight version {handle.version}: {manifest_file} is missing (closed, or another node's /dev/shm?)"
             )
         manifest = json.loads(manifest_file.read_text())
+        if int(manifest["version"]) != handle.version:
+            raise WeightSyncError(
+                f"{directory} holds weight version {manifest['version']}, but version {handle.version} was "
+                "requested (its slot was reused: the reader is more versions behind than the publisher keeps)"
+            )
         state: dict[str, Tensor] = {}
         for name in manifest["buckets"]:
             try:
@@ -185,14 +207,52 @@ class ShmWeightSync:
         return state
 
     def close(self) -> None:
-        """Remove every version this publisher wrote."""
+        """Unmap and remove every slot this publisher wrote."""
+        self._unmap()
+        self._layouts = {}
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _prune(self, newest: int) -> None:
-        versions = sorted(p for p in self.root.glob("v*") if p.is_dir())
-        for old in versions[: max(0, len(versions) - self.keep)]:
-            if old.name != f"v{newest:08d}":
-                shutil.rmtree(old, ignore_errors=True)
+    def _write_fresh(
+        self, slot: Path, files: list[str], buckets: list[list[str]], state: dict[str, Tensor]
+    ) -> None:
+        from safetensors.torch import save_file
+
+        self._unmap(str(slot))
+        if slot.exists():
+            shutil.rmtree(slot)  # a slot of another layout is replaced whole
+        slot.mkdir(parents=True)
+        for name, names in zip(files, buckets, strict=True):
+            save_file({n: state[n].detach().to("cpu").contiguous() for n in names}, str(slot / name))
+
+    def _overwrite(self, path: Path, tensors: dict[str, Tensor]) -> None:
+        """Copy `tensors` over the data of the same-layout safetensors file at `path`."""
+        key = str(path)
+        if key not in self._maps:
+            with path.open("r+b") as f:
+                mapped = mmap.mmap(f.fileno(), 0)
+            header_len = int.from_bytes(mapped[:8], "little")
+            header = json.loads(bytes(mapped[8 : 8 + header_len]))
+            base = 8 + header_len
+            spans = {
+                n: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+                for n, v in header.items()
+                if n != "__metadata__"
+            }
+            self._maps[key] = (mapped, spans)
+        mapped, spans = self._maps[key]
+        for name, tensor in tensors.items():
+            begin, end = spans[name]
+            if end > begin:
+                target = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
+                target.copy_(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
+
+    def _unmap(self, under: str | None = None) -> None:
+        for key in [k for k in self._maps if under is None or k.startswith(under + os.sep)]:
+            mapped, _ = self._maps.pop(key)
+            try:
+                mapped.close()
+            except BufferError:  # a view still exported: the map goes when the view does
+                pass
 
 
 @dataclass

@@ -53,17 +53,22 @@ def test_checksum_sees_values_names_and_dtypes():
     assert state_checksum({("z" if k == "a.weight" else k): v for k, v in state.items()}) != base
 
 
-def test_shm_round_trip_keeps_dtypes_and_prunes_old_versions(tmp_path):
+def test_shm_round_trip_keeps_dtypes_and_reuses_its_slots(tmp_path):
     sync = ShmWeightSync(str(tmp_path), bucket_bytes=64, keep=2)
-    handles = [sync.publish(small_state(), v) for v in (1, 2, 3)]
-    loaded = ShmWeightSync(str(tmp_path)).load(handles[-1])  # a reader needs nothing but the handle
-    assert loaded.keys() == small_state().keys()
-    for name, tensor in small_state().items():
-        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    states = [{k: v + version for k, v in small_state().items()} for version in range(4)]
+    handles = [sync.publish(states[v], v) for v in (1, 2, 3)]  # v3 rewrites v1's slot in place
+    reader = ShmWeightSync(str(tmp_path))  # a reader needs nothing but the handle
+    for handle in handles[1:]:
+        loaded = reader.load(handle)
+        assert loaded.keys() == small_state().keys()
+        for name, tensor in states[handle.version].items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
     assert handles[-1].num_tensors == 4 and handles[-1].num_bytes == 64 + 32 + 8 + 64
-    assert sorted(p.name for p in sync.root.iterdir()) == ["v00000002", "v00000003"]
-    with pytest.raises(WeightSyncError, match=r"version 1: .*manifest.json is missing"):
+    assert sorted(p.name for p in sync.root.iterdir()) == ["slot-0", "slot-1"]
+    with pytest.raises(WeightSyncError, match=r"slot-0 holds weight version 3, but version 1 was requested"):
         sync.load(handles[0])
+    bigger = {**small_state(), "c.weight": torch.ones(3)}  # a new layout: the slot is written afresh
+    assert torch.equal(reader.load(sync.publish(bigger, 4))["c.weight"], torch.ones(3))
     sync.close()
     assert not sync.root.exists()
 
@@ -75,7 +80,7 @@ def test_shm_corrupt_bucket_fails_its_checksum(tmp_path):
     data = bytearray(bucket.read_bytes())
     data[-1] ^= 0xFF  # flip the last byte of tensor data
     bucket.write_bytes(bytes(data))
-    with pytest.raises(WeightSyncError, match=r"weight version 7 from .*v00000007 fails its checksum"):
+    with pytest.raises(WeightSyncError, match=r"weight version 7 from .*slot-0 fails its checksum"):
         sync.load(handle)
     bucket.write_bytes(b"garbage")  # a damaged header
     with pytest.raises(WeightSyncError, match=r"bucket .*bucket-0001.safetensors is unreadable"):
