@@ -20,7 +20,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -197,6 +197,9 @@ def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR) -> Assay
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             composed = compose(config_name="config", overrides=overrides)
+    except OverrideParseException as err:  # a malformed `key=value`: name it and what the parser wanted
+        lines = str(err).strip().splitlines()
+        raise ConfigError(f"invalid configuration: {' - '.join(lines[:2])}\n  (Hydra override syntax: key=value)") from None
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err, overrides, config_dir)) from None
     try:

@@ -112,3 +112,8 @@ def test_yaml_round_trip_names_every_part() -> None:
     text = to_yaml(compose_config(["experiment=arith_tiny"]))
     for part in ("model:", "task:", "learner:", "verifier:", "rollout:", "cluster:", "name: arith_tiny"):
         assert part in text
+
+
+def test_a_malformed_override_is_a_config_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"Error parsing override 'rollout.n==' - extraneous input '='"):
+        compose_config(["rollout.n=="])
