@@ -238,6 +238,10 @@ def validate(cfg: AssayConfig) -> None:
         raise ConfigError(f"rl.max_staleness={cfg.rl.max_staleness}: expected 0 (synchronous) or a positive number "
                           "of versions together with learner.tis_cap (e.g. 2.0), which importance-corrects the "
                           "samples of older weights")
+    if cfg.learner.old_logprobs == "rollout" and (cfg.rl.max_staleness > 0 or cfg.learner.tis_cap is not None):
+        raise ConfigError("learner.old_logprobs=rollout takes pi_old from the sampler, which is right only for "
+                          "on-policy samples: not with rl.max_staleness > 0 or learner.tis_cap (which corrects "
+                          "the sampler against pi_old); use learner.old_logprobs=learner there")
     if not (0.0 <= cfg.rl.gamma <= 1.0 and 0.0 <= cfg.rl.lam <= 1.0):
         raise ConfigError(f"rl.gamma={cfg.rl.gamma} / rl.lam={cfg.rl.lam}: expected values in [0, 1]")
     try:

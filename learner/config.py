@@ -122,6 +122,14 @@ class LearnerConfig:
     """RL: K, the number of sweeps over one step's batch; each sweep takes one optimizer step per
     minibatch of `batch_size` sequences, in the same order every epoch."""
 
+    old_logprobs: str = "learner"
+    """RL: where pi_old, the PPO ratio's denominator, comes from: `learner` (a forward pass of the
+    current weights over the step's batch before the first update, as verl and TRL compute it) or
+    `rollout` (the sampler's own logprobs of its tokens, skipping that pass). `rollout` is exact only
+    when the sampler served these very weights in the learner's precision (the synchronous loop in
+    fp32: vLLM and the learner agree to ~1e-6 here); `learner/logprob_diff` is then measured on the
+    first minibatch's training forward instead."""
+
     tis_cap: float | None = None
     """RL: truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
     tis_cap) using the batch's `rollout_logprobs` (which then become required). None disables it."""
@@ -220,3 +228,5 @@ def validate_rl(cfg: LearnerConfig) -> None:
         raise ValueError(f"LearnerConfig.ppo_epochs: expected >= 1, got {cfg.ppo_epochs}")
     if cfg.tis_cap is not None and cfg.tis_cap <= 0:
         raise ValueError(f"LearnerConfig.tis_cap: expected a positive cap or None, got {cfg.tis_cap}")
+    if cfg.old_logprobs not in ("learner", "rollout"):
+        raise ValueError(f"LearnerConfig.old_logprobs: expected 'learner' or 'rollout', got {cfg.old_logprobs!r}")

@@ -174,7 +174,12 @@ class LearnerGroup:
         """`LearnerWorker.prepare` over the whole batch: `old_logprobs` (+ `ref_logprobs` with a reference
         model, `values` with a critic), each (B, T); the driver estimates advantages from them and passes
         them back in the `train_rl_step` batch, which then does not score them again."""
-        return self._scored(batch, "prepare")  # type: ignore[return-value]
+        out: dict[str, Tensor] = {}
+        if self.cfg.old_logprobs == "rollout":
+            out["old_logprobs"] = batch["rollout_logprobs"].float()  # the workers' prepare skips them
+            if not (self.cfg.kl_coef > 0 or self.cfg.kl_reward_coef > 0 or self.cfg.critic.enabled):
+                return out  # nothing left for the workers to score
+        return out | self._scored(batch, "prepare")  # type: ignore[operator]
 
     def _scored(self, batch: dict[str, Tensor], method: str) -> Tensor | dict[str, Tensor]:
         """Row shards of `batch` through every rank's `method`, concatenated back in row order."""

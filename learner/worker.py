@@ -319,7 +319,11 @@ class LearnerWorker:
             "learner/tokens": float(loss_mask.sum()),
             "learner/seq_tokens": float(attention_mask.sum()),
         }
-        if "rollout_logprobs" in batch:
+        rollout_check = None  # with old_logprobs=rollout: (rollout logprobs, normaliser) of minibatch 0
+        if "rollout_logprobs" in batch and cfg.old_logprobs == "rollout":
+            once["learner/logprob_diff"] = 0.0
+            rollout_check = (batch["rollout_logprobs"][:rows_per_minibatch].float(), float(num_tokens[0]))
+        elif "rollout_logprobs" in batch:
             gap = (tensors["old_logprobs"] - batch["rollout_logprobs"]).abs()  # (B, T)
             once["learner/logprob_diff"] = (
                 float(torch.where(loss_mask != 0, gap, 0.0).sum()) / whole_batch_tokens
@@ -335,14 +339,14 @@ class LearnerWorker:
                 entropy_norm = whole_batch_tokens if (epoch == 0 and cfg.entropy_metric) else None
                 metrics, grad_norm = self._rl_optimizer_step(
                     input_ids[rows], attention_mask[rows], {k: v[rows] for k, v in tensors.items()},
-                    num_tokens[m], num_seqs[m], entropy_norm,
+                    num_tokens[m], num_seqs[m], entropy_norm, rollout_check if epoch == m == 0 else None,
                 )  # fmt: skip
                 grad_norms.append(grad_norm)
                 if self.critic is not None:
                     critic_rows = {k: batch[k][rows] for k in ("values", "returns", "loss_mask")}
                     metrics |= self._critic_step(input_ids[rows], attention_mask[rows], critic_rows, num_tokens[m])
                 for key, value in metrics.items():
-                    if key == "learner/entropy":
+                    if key in ("learner/entropy", "learner/logprob_diff"):
                         once[key] += value
                     else:
                         totals[key] = totals.get(key, 0.0) + value
@@ -363,7 +367,7 @@ class LearnerWorker:
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """What the driver needs before it can estimate advantages, (B, T) on CPU: `old_logprobs`
         (current weights), `ref_logprobs` when a reference model exists, `values` when a critic does."""
-        out = {"old_logprobs": self.logprobs(batch)}
+        out = {} if self.cfg.old_logprobs == "rollout" else {"old_logprobs": self.logprobs(batch)}
         if self.reference is not None:
             out["ref_logprobs"] = self.reference.logprobs(batch["input_ids"], batch["attention_mask"])
         if self.critic is not None:
@@ -380,6 +384,8 @@ class LearnerWorker:
         weights, `ref_logprobs` only with a reference model, `rollout_logprobs` only with tis_cap. Those
         `prepare` made are taken from the batch when the driver passes them back."""
         scored = {k: batch[k] for k in ("old_logprobs", "ref_logprobs") if k in batch}
+        if "old_logprobs" not in scored and self.cfg.old_logprobs == "rollout":
+            scored["old_logprobs"] = batch["rollout_logprobs"].float()
         if "old_logprobs" not in scored:
             scored["old_logprobs"] = self.logprobs(batch)
         if self.reference is not None and "ref_logprobs" not in scored:
@@ -399,11 +405,15 @@ class LearnerWorker:
         num_tokens: float,
         num_seqs: float,
         entropy_norm: float | None,
+        rollout_check: tuple[Tensor, float] | None = None,
     ) -> tuple[dict[str, float], float]:
         """Micro-batches of one minibatch with gradient accumulation, then one optimizer step.
 
         Returns this rank's share of the minibatch's loss metrics (and of `learner/entropy` over the
-        whole batch when `entropy_norm` is set) and the step's global gradient norm.
+        whole batch when `entropy_norm` is set; of `learner/logprob_diff`, the token mean of
+        |learner - rollout| logprobs over this minibatch before its update, when `rollout_check`
+        gives the rollout's logprobs and the minibatch's global token count) and the step's global
+        gradient norm.
         """
         def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             logits = self._forward_logits(input_ids[rows], attention_mask[rows])  # (b, T, V)
@@ -414,6 +424,9 @@ class LearnerWorker:
             if entropy_norm is not None:
                 with torch.no_grad():
                     extra["learner/entropy"] = entropy_from_logits(logits.detach(), mask, entropy_norm).item()
+            if rollout_check is not None:
+                gap = (logprobs.detach() - rollout_check[0][rows].to(self.device)).abs()  # (b, T)
+                extra["learner/logprob_diff"] = float(torch.where(mask != 0, gap, 0.0).sum()) / rollout_check[1]
             loss, metrics = self.policy_loss(
                 logprobs, micro.pop("old_logprobs"), micro.pop("advantages"), mask,
                 **micro, **self._loss_options(), num_tokens=num_tokens, num_seqs=num_seqs,

@@ -288,6 +288,8 @@ def test_two_steps_of_each_algo_with_two_learners(ray_local, prompts_file, tiny_
 
     args = [*_file_run_args(prompts_file, tiny_model, tmp_path, "EvenLengthVerifier"), f"algo={algo}", "steps=2",
             "cluster.learners=2", "learner.micro_batch_size=8"]
+    if algo in ("rloo", "reinforce_pp"):  # pi_old from the rollout: no scoring pass (rloo), ref only (reinforce_pp)
+        args.append("learner.old_logprobs=rollout")
     result = run_stage(compose_config(args))
     records = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
     for step in (1, 2):
@@ -313,6 +315,8 @@ def test_async_rollout_runs_ahead_but_never_past_max_staleness(ray_local, prompt
     args = [*_file_run_args(prompts_file, tiny_model, tmp_path, "EvenLengthVerifier"), "steps=4"]
     with pytest.raises(ConfigError, match="learner.tis_cap"):
         compose_config([*args, "rl.max_staleness=1"])
+    with pytest.raises(ConfigError, match="learner.old_logprobs=rollout .* only for on-policy samples"):
+        compose_config([*args, "rl.max_staleness=1", "learner.tis_cap=2.0", "learner.old_logprobs=rollout"])
     result = run_stage(compose_config([*args, "rl.max_staleness=1", "learner.tis_cap=2.0"]))
     records = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
     staleness = [records[step]["rollout/staleness_max"] for step in (1, 2, 3, 4)]

@@ -87,6 +87,7 @@ def test_minibatch_normalisers_and_rank_rows() -> None:
         ("ppo_epochs", 0),
         ("tis_cap", 0.0),
         ("norm_len", 0),
+        ("old_logprobs", "vllm"),
     ],
 )
 def test_rl_config_errors_name_the_field(field: str, value: Any) -> None:
@@ -144,6 +145,42 @@ def test_logprob_diff_measures_rollout_mismatch(worker: LearnerWorker) -> None:
     own = worker.logprobs(batch)
     batch["rollout_logprobs"] = (own - 0.1) * batch["loss_mask"]
     assert worker.train_rl_step(batch)["learner/logprob_diff"] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_rollout_old_logprobs_skip_the_scoring_pass_and_are_used(tiny_model_dir: str) -> None:
+    # 2 epochs x 2 minibatches; the "rollout" logprobs are the learner's own plus 0.05 nats.
+    batch = rl_batch(8, seed=6, row_advantages=[1.0, -1.0, 0.5, 0.0, -0.5, 1.0, 0.0, -1.0])
+    runs = {}
+    for source in ("learner", "rollout"):
+        w = new_worker(tiny_model_dir, ppo_epochs=2, old_logprobs=source)
+        calls = []
+        scoring = w.logprobs
+        w.logprobs = lambda b, scoring=scoring, calls=calls: calls.append(1) or scoring(b)  # count passes
+        batch["rollout_logprobs"] = scoring(batch) * batch["loss_mask"] + 0.05 * batch["loss_mask"]
+        metrics = w.train_rl_step(dict(batch))
+        runs[source] = (metrics, len(calls), {k: v.clone() for k, v in w.state_dict_for_rollout().items()})
+        w.close()
+    (learner_m, learner_calls, learner_w), (rollout_m, rollout_calls, rollout_w) = runs["learner"], runs["rollout"]
+    assert (learner_calls, rollout_calls) == (1, 0)
+    # the rollout logprobs are 0.05 above the learner's: the metric sees it either way
+    assert learner_m["learner/logprob_diff"] == pytest.approx(0.05, rel=1e-4)
+    assert rollout_m["learner/logprob_diff"] == pytest.approx(0.05, rel=1e-4)  # measured on minibatch 0
+    # pi_old is the rollout's (0.05 higher), so the ratios, and with them the updates, differ
+    assert rollout_m["learner/approx_kl"] != pytest.approx(learner_m["learner/approx_kl"], rel=1e-3)
+    assert any(not torch.equal(learner_w[k], rollout_w[k]) for k in learner_w)
+
+
+def test_rollout_old_logprobs_equal_to_the_learners_give_the_same_update(tiny_model_dir: str) -> None:
+    batch = rl_batch(8, seed=7, row_advantages=[1.0, -1.0, 0.5, 0.0, -0.5, 1.0, 0.0, -1.0])
+    weights = {}
+    for source in ("learner", "rollout"):
+        w = new_worker(tiny_model_dir, ppo_epochs=2, old_logprobs=source)
+        batch["rollout_logprobs"] = w.logprobs(batch) * batch["loss_mask"]
+        w.train_rl_step(dict(batch))
+        weights[source] = w.state_dict_for_rollout()
+        w.close()
+    for name, tensor in weights["learner"].items():
+        torch.testing.assert_close(weights["rollout"][name], tensor, rtol=0, atol=1e-6)
 
 
 def test_bad_rl_batches_are_clear_errors(worker: LearnerWorker) -> None:
