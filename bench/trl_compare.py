@@ -298,7 +298,8 @@ def settings_rows(cfg: AssayConfig, trl_args: Any, model_dir: str) -> list[dict[
          "by design: the verifier pool is Assay's"),
         ("rollout", f"{rollout.backend} actor, weights synced each step ({rollout.weight_sync})",
          "transformers generate in the trainer (use_vllm=False)", "by design: the system under test"),
-        ("old logprobs", "a no-grad forward over the step's batch",
+        ("old logprobs", "a no-grad forward over the step's batch" if learner.old_logprobs == "learner"
+         else "the rollout's own logprobs (learner.old_logprobs=rollout; no forward)",
          "one forward per generation batch (skipped when it is one optimizer step)", "implementation"),
         ("torch threads", f"learner {learner.threads} + rollout {rollout.threads}, taking turns",
          f"{torch.get_num_threads()} in one process", "each side uses the 2 cores"),
