@@ -166,9 +166,7 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
         kept += [(responses[i * n:(i + 1) * n], rewards[i]) for i in range(len(tasks)) if keep[i]]
         if len(kept) >= want:
             break
-    usable = min(len(kept), want)
-    while usable * n % cfg.learner.batch_size:  # whole minibatches only
-        usable -= 1
+    usable = whole_minibatch_groups(min(len(kept), want), n, cfg.learner.batch_size)
     if usable < want:
         print(f"[assay] step {step + 1}: dynamic sampling found {len(kept)} of the {want} groups with mixed rewards "
               f"in {round_ + 1} rounds (rl.max_sample_rounds); training on {usable}"
@@ -179,6 +177,13 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
     groups = kept[:usable]
     responses = [r for group, _ in groups for r in group]
     return responses, torch.stack([rw for _, rw in groups]) if groups else torch.zeros(0, n), metrics
+
+
+def whole_minibatch_groups(groups: int, n: int, batch_size: int) -> int:
+    """The most groups, at most `groups`, whose `n` samples each fill whole learner minibatches (maybe 0)."""
+    while groups * n % batch_size:
+        groups -= 1
+    return groups
 
 
 def shaped(rewards: torch.Tensor, responses: list[Response], cfg: AssayConfig) -> torch.Tensor:

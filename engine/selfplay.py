@@ -51,7 +51,7 @@ import torch
 
 from engine.config import AssayConfig
 from engine.contamination import flag_contaminated
-from engine.rl import _seed, rollout_metrics, score, shaped
+from engine.rl import _seed, rollout_metrics, score, shaped, whole_minibatch_groups
 from engine.tasks.base import TaskConfig
 from engine.tasks.code_reasoning import ENTRY_POINT, CodeReasoningSource, deduction_prompt
 from rollout.types import Response
@@ -295,9 +295,8 @@ def collect(source: Any, rollout: Any, scorers: list[Any], cfg: AssayConfig,
     metrics.update({"perf/rollout_s": (t1 - t0) + (t3 - t2), "perf/selfplay_check_s": t2 - t1,
                     "perf/verify_s": time.perf_counter() - t3})
 
-    usable = min(len(prompts) + len(solver_tasks), cfg.rl.prompts_per_step)
-    while usable * n % cfg.learner.batch_size:  # whole minibatches only
-        usable -= 1
+    usable = whole_minibatch_groups(min(len(prompts) + len(solver_tasks), cfg.rl.prompts_per_step), n,
+                                    cfg.learner.batch_size)
     metrics["selfplay/trained_groups"] = float(usable)
     _snapshot(state, cfg, step + 1)
     write_plot(_run_dir(cfg))

@@ -7,10 +7,15 @@ runtime_env, which `engine.ray_cluster.init_ray` sets to `worker_env()`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import ray
 from torch import Tensor
 
 from learner.config import LearnerConfig
+
+if TYPE_CHECKING:
+    from learner.group import StepPlan
 
 
 @ray.remote(num_cpus=1)
@@ -45,10 +50,8 @@ class LearnerActor:
     def train_step(self, batch: dict[str, Tensor], num_tokens: int) -> dict[str, float]:
         return self.worker.train_step(batch, num_tokens)
 
-    def train_rl_step(
-        self, batch: dict[str, Tensor], num_tokens: list[float], num_seqs: list[float]
-    ) -> dict[str, float]:
-        return self.worker.train_rl_step(batch, num_tokens, num_seqs)
+    def train_rl_step(self, batch: dict[str, Tensor], plan: StepPlan) -> dict[str, float]:
+        return self.worker.train_rl_step(batch, plan)
 
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)

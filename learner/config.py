@@ -142,6 +142,15 @@ class LearnerConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     """RL: PPO's value model (see `CriticConfig`)."""
 
+    skip_zero_advantage: bool = True
+    """RL: leave out of the forward/backward passes the rows whose advantages are 0 on every loss token
+    (a GRPO group whose G rewards are all equal). Their policy-gradient term is exactly 0, so the
+    gradient and every update are unchanged (the minibatch keeps its normalisers and its optimizer
+    step); the token-mean metrics (`clip_frac`, `approx_kl`, `ratio_mean`, `entropy`, ...) are then
+    means over the rows trained, and `learner/skipped_rows_frac` says how many were left out. Applied
+    only where such rows add nothing to the loss: not with an in-loss KL term (`kl_coef > 0`) or a
+    critic (`critic.enabled`), which train on every row."""
+
     entropy_metric: bool = True
     """RL: report `learner/entropy`, the token-mean policy entropy over the response tokens, from the
     first epoch's training forward passes."""
@@ -166,6 +175,11 @@ def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, world_si
             f"accumulation steps = batch_size / (micro_batch_size x world_size) is a positive integer"
         )
     return batch_size // per_step
+
+
+def skips_zero_advantage(cfg: LearnerConfig) -> bool:
+    """Whether an RL step leaves zero-advantage rows out (`LearnerConfig.skip_zero_advantage`)."""
+    return cfg.skip_zero_advantage and cfg.kl_coef == 0 and not cfg.critic.enabled
 
 
 def validate(cfg: LearnerConfig, world_size: int) -> int:

@@ -10,12 +10,16 @@ RL (`train_rl_step`): the global batch of P x G sequences is cut into minibatche
 consecutive rows (one optimizer step each); rank r gets the r-th contiguous chunk of every
 minibatch, so its rows arrive in minibatch order and one remote call per rank runs the whole step
 (old/ref logprobs and all `ppo_epochs` sweeps) while DeepSpeed's collectives keep the ranks in step.
-The driver computes each minibatch's global `num_tokens` / `num_seqs` before sharding.
+The driver computes each minibatch's global `num_tokens` / `num_seqs` before sharding, and
+(`plan_rl_step`, with `LearnerConfig.skip_zero_advantage`) leaves out the rows whose advantages are
+all 0, which add nothing to the gradient, padding every rank to the same number of micro-batches.
 """
 
 from __future__ import annotations
 
+import math
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,13 +27,14 @@ import torch
 from torch import Tensor
 
 from learner.actor import LearnerActor
-from learner.config import LearnerConfig, validate
+from learner.config import LearnerConfig, skips_zero_advantage, validate
 
 # Tensors a training batch must hold (the same tuple as `learner.worker.BATCH_KEYS`, repeated so that
 # the driver does not import DeepSpeed).
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Metrics every rank reports identically; taken from rank 0 instead of summed.
-SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps", "critic/grad_norm")
+SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps", "critic/grad_norm",
+                      "learner/skipped_rows_frac")
 # Tensors an RL batch must hold besides BATCH_KEYS, and those it may hold (`learner.worker.RL_OPTIONAL_KEYS`).
 RL_KEYS = ("advantages",)
 RL_OPTIONAL_KEYS = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
@@ -86,6 +91,79 @@ def minibatch_rank_rows(rows: int, batch_size: int, world_size: int) -> list[Ten
     starts = torch.arange(0, rows, batch_size)  # (M,) first row of each minibatch
     offsets = torch.arange(per_rank)  # (per_rank,)
     return [(starts[:, None] + r * per_rank + offsets[None, :]).reshape(-1) for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one RL step's rows reach the ranks, and what each minibatch is normalised by.
+
+    Per minibatch m: `rows[m]` rows on every rank (a positive multiple of micro_batch_size, the same
+    on every rank so that DeepSpeed's collectives stay in step), `num_tokens[m]` / `num_seqs[m]` the
+    loss normalisers of ALL its rows, `trained_tokens[m]` the loss tokens of the rows trained (the
+    metrics' normaliser; equal to `num_tokens[m]` when nothing is skipped).
+    """
+
+    rows: list[int]
+    num_tokens: list[float]
+    num_seqs: list[float]
+    trained_tokens: list[float]
+    skipped_rows_frac: float
+
+
+def plan_rl_step(
+    advantages: Tensor,
+    loss_mask: Tensor,
+    batch_size: int,
+    world_size: int,
+    micro_batch_size: int,
+    skip_zero_advantage: bool,
+) -> tuple[StepPlan, list[Tensor], list[Tensor]]:
+    """(plan, row index of each rank, padding flags of each rank) for a batch of (B, T) tensors.
+
+    Without skipping, rank r gets the r-th contiguous chunk of every minibatch (`minibatch_rank_rows`).
+    With it, the rows of a minibatch whose advantages are 0 on every loss token are left out and the
+    rest cut into `world_size` contiguous chunks, each padded to the same whole number of micro-batches
+    (at least one: the optimizer step of an all-zero minibatch still runs, as AdamW's moments and the
+    schedule would have moved). A padding row repeats a row of its minibatch and is flagged: the
+    caller zeroes its loss mask and advantages (`take_rows`), so it adds nothing to loss or metrics.
+    """
+    num_tokens, num_seqs = minibatch_normalisers(loss_mask, batch_size)
+    total = loss_mask.shape[0]
+    if not skip_zero_advantage:
+        index = minibatch_rank_rows(total, batch_size, world_size)
+        pad = [torch.zeros(len(i), dtype=torch.bool) for i in index]
+        per_rank = [batch_size // world_size] * len(num_tokens)
+        return StepPlan(per_rank, num_tokens, num_seqs, num_tokens, 0.0), index, pad
+    on_mask = loss_mask != 0  # (B, T)
+    live = ((advantages != 0) & on_mask).any(dim=1)  # (B,) rows with any gradient
+    index_parts: list[list[Tensor]] = [[] for _ in range(world_size)]
+    pad_parts: list[list[Tensor]] = [[] for _ in range(world_size)]
+    per_rank, trained = [], []
+    for start in range(0, total, batch_size):
+        kept = start + torch.nonzero(live[start:start + batch_size]).flatten()  # (k,)
+        rows = max(1, math.ceil(math.ceil(len(kept) / world_size) / micro_batch_size)) * micro_batch_size
+        per_rank.append(rows)
+        trained.append(max(1.0, float(on_mask[kept].sum())))
+        for rank in range(world_size):
+            mine = kept[rank * rows:(rank + 1) * rows]
+            fill = rows - len(mine)
+            index_parts[rank].append(torch.cat([mine, torch.full((fill,), start, dtype=torch.long)]))
+            pad_parts[rank].append(torch.cat([torch.zeros(len(mine), dtype=torch.bool),
+                                              torch.ones(fill, dtype=torch.bool)]))
+    index = [torch.cat(parts) for parts in index_parts]
+    pad = [torch.cat(parts) for parts in pad_parts]
+    skipped = 1.0 - float(live.sum()) / total
+    return StepPlan(per_rank, num_tokens, num_seqs, trained, skipped), index, pad
+
+
+def take_rows(batch: dict[str, Tensor], index: Tensor, pad: Tensor) -> dict[str, Tensor]:
+    """The rows `index` of every (B, T) tensor (copies), with padding rows' loss mask and advantages 0."""
+    out = {key: value[index] for key, value in batch.items()}
+    if bool(pad.any()):
+        for key in ("loss_mask", "advantages"):
+            if key in out:
+                out[key][pad] = 0
+    return out
 
 
 def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -157,12 +235,14 @@ class LearnerGroup:
         missing = [k for k in required if k not in batch]
         if missing:
             raise ValueError(f"LearnerGroup.train_rl_step: batch lacks {missing}; expected {list(required)}")
-        num_tokens, num_seqs = minibatch_normalisers(batch["loss_mask"], self.cfg.batch_size)
+        cfg = self.cfg
+        plan, index, pad = plan_rl_step(batch["advantages"], batch["loss_mask"], cfg.batch_size, self.world_size,
+                                        cfg.micro_batch_size, skips_zero_advantage(cfg))
         keys = required + tuple(k for k in RL_OPTIONAL_KEYS if k in batch)
-        index = minibatch_rank_rows(batch["input_ids"].shape[0], self.cfg.batch_size, self.world_size)
+        tensors = {k: batch[k] for k in keys}
         refs = [
-            actor.train_rl_step.remote({k: batch[k][rows] for k in keys}, num_tokens, num_seqs)
-            for actor, rows in zip(self.actors, index)
+            actor.train_rl_step.remote(take_rows(tensors, rows, rows_pad), plan)
+            for actor, rows, rows_pad in zip(self.actors, index, pad)
         ]
         return combine_metrics(ray.get(refs))
 

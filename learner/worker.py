@@ -20,8 +20,9 @@ sequences. It first scores `old_logprobs` (the current weights, no grad) and, on
 it sweeps the rows `ppo_epochs` times, one optimizer step per minibatch of `batch_size` global
 sequences (`batch_size / world_size` rows here), in the same minibatch order every epoch (no
 shuffle: the rollout order is already random, and a fixed order keeps W ranks and 1 rank identical).
-Every minibatch is normalised by its GLOBAL counts (`num_tokens`, `num_seqs`, passed in by the group),
-so the micro-batch losses of all ranks sum to the minibatch loss, as in supervised mode.
+Every minibatch is normalised by its GLOBAL counts (`num_tokens`, `num_seqs`, in the group's
+`StepPlan`), so the micro-batch losses of all ranks sum to the minibatch loss, as in supervised mode;
+rows the plan left out (zero advantage everywhere) change neither the loss nor its gradient.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -47,10 +48,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from learner.algos import LOSSES, POLICY_LOSSES, entropy_from_logits, token_logprobs
 from learner.algos.value import clipped_value_loss
-from learner.config import LearnerConfig, validate
+from learner.config import LearnerConfig, skips_zero_advantage, validate
 from learner.critic import ValueModel
 from learner.reference import ReferenceModel, position_ids_from_mask
 from learner.schedule import build_scheduler
+
+if TYPE_CHECKING:
+    from learner.group import StepPlan
 
 # Files copied from model_dir into an HF export besides the weights and config.
 TOKENIZER_FILES = (
@@ -67,6 +71,8 @@ TOKENIZER_FILES = (
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Per-token tensors an RL batch may carry besides BATCH_KEYS (all (B, T)).
 RL_OPTIONAL_KEYS = ("advantages", "rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
+# Policy-loss metrics that are values of the loss (aggregated like it), not token means.
+LOSS_VALUES = ("learner/pg_loss", "learner/kl_loss")
 BF16_STAGE0_WARNING = (
     "LearnerConfig: precision=bf16 with zero_stage=0 runs DeepSpeed's pure-bf16 data parallel "
     "(bf16 weights, gradients and AdamW state, no fp32 master copy); zero_stage>=1 keeps fp32 master "
@@ -276,44 +282,45 @@ class LearnerWorker:
 
     # ---- RL ---------------------------------------------------------------------------------------
 
-    def train_rl_step(
-        self,
-        batch: dict[str, Tensor],
-        num_tokens: list[float] | None = None,
-        num_seqs: list[float] | None = None,
-    ) -> dict[str, float]:
+    def train_rl_step(self, batch: dict[str, Tensor], plan: StepPlan | None = None) -> dict[str, float]:
         """One RL step: old (and ref) logprobs, then `ppo_epochs` sweeps of minibatch optimizer steps.
 
-        This rank's rows are in minibatch order: minibatch m is rows [m * r, (m + 1) * r) with
-        r = batch_size / world_size. `num_tokens[m]` / `num_seqs[m]` are minibatch m's GLOBAL
-        loss-token and sequence counts (all ranks); with world_size 1 they default to this batch's own.
+        This rank's rows are in minibatch order: minibatch m is the next `plan.rows[m]` rows, and
+        `plan` holds each minibatch's GLOBAL loss normalisers (all ranks; `learner.group.StepPlan`).
+        With world_size 1 it may be left out: the worker then plans the step itself from the whole
+        batch (`learner.group.plan_rl_step`, leaving zero-advantage rows out as the config says).
 
         Metrics (each rank's share; `LearnerGroup` sums them over ranks): the loss metrics
         (`learner/loss`, `pg_loss`, `clip_frac`, `approx_kl`, `kl`, ...) are the mean over this call's
         optimizer steps of each minibatch's global value; `learner/entropy` and
         `learner/logprob_diff` are token means over the whole batch; `learner/grad_norm` is the mean
-        over optimizer steps; `learner/lr` is the last step's.
+        over optimizer steps; `learner/lr` is the last step's. The token means are over the rows
+        trained (all rows unless `skip_zero_advantage` left some out).
         """
         cfg = self.cfg
-        input_ids, attention_mask, loss_mask = check_batch(batch, cfg.micro_batch_size)
+        check_batch(batch, cfg.micro_batch_size)
         check_rl_batch(batch, cfg.tis_cap, critic=self.critic is not None)
-        if num_tokens is None or num_seqs is None:
+        if plan is None:
             if self.world_size != 1:
-                raise ValueError(
-                    "LearnerWorker.train_rl_step: num_tokens and num_seqs are required when world_size > 1"
-                )
-            from learner.group import minibatch_normalisers  # driver-side helper, no Ray call
+                raise ValueError("LearnerWorker.train_rl_step: the step's plan is required when world_size > 1")
+            from learner.group import plan_rl_step, take_rows  # driver-side helpers, no Ray call
 
-            num_tokens, num_seqs = minibatch_normalisers(loss_mask, cfg.batch_size)
-        rows_per_minibatch = cfg.batch_size // self.world_size
-        if input_ids.shape[0] != len(num_tokens) * rows_per_minibatch or len(num_seqs) != len(num_tokens):
+            plan, index, pad = plan_rl_step(batch["advantages"], batch["loss_mask"], cfg.batch_size, 1,
+                                            cfg.micro_batch_size, skips_zero_advantage(cfg))
+            batch = take_rows(batch, index[0], pad[0])
+        input_ids, attention_mask, loss_mask = check_batch(batch, cfg.micro_batch_size)
+        num_tokens, num_seqs, trained_tokens = plan.num_tokens, plan.num_seqs, plan.trained_tokens
+        if input_ids.shape[0] != sum(plan.rows) or not len(num_tokens) == len(num_seqs) == len(plan.rows):
             raise ValueError(
-                f"LearnerWorker.train_rl_step: {input_ids.shape[0]} rows on this rank, expected "
-                f"{len(num_tokens)} minibatches x batch_size / world_size ({rows_per_minibatch})"
+                f"LearnerWorker.train_rl_step: {input_ids.shape[0]} rows on this rank, expected the plan's "
+                f"{sum(plan.rows)} ({len(plan.rows)} minibatches)"
             )
+        offsets = [0]
+        for rows_m in plan.rows:
+            offsets.append(offsets[-1] + rows_m)
         start = time.perf_counter()
         tensors = self._rl_inputs(batch)  # old/ref/rollout logprobs, advantages, loss_mask (B, T)
-        whole_batch_tokens = float(sum(num_tokens))
+        whole_batch_tokens = float(sum(trained_tokens))
         totals: dict[str, float] = {}
         once: dict[str, float] = {
             "learner/tokens": float(loss_mask.sum()),
@@ -322,7 +329,7 @@ class LearnerWorker:
         rollout_check = None  # with old_logprobs=rollout: (rollout logprobs, normaliser) of minibatch 0
         if "rollout_logprobs" in batch and cfg.old_logprobs == "rollout":
             once["learner/logprob_diff"] = 0.0
-            rollout_check = (batch["rollout_logprobs"][:rows_per_minibatch].float(), float(num_tokens[0]))
+            rollout_check = (batch["rollout_logprobs"][:plan.rows[0]].float(), float(trained_tokens[0]))
         elif "rollout_logprobs" in batch:
             gap = (tensors["old_logprobs"] - batch["rollout_logprobs"]).abs()  # (B, T)
             once["learner/logprob_diff"] = (
@@ -334,12 +341,13 @@ class LearnerWorker:
         lr = 0.0
         for epoch in range(cfg.ppo_epochs):
             for m in range(len(num_tokens)):
-                rows = slice(m * rows_per_minibatch, (m + 1) * rows_per_minibatch)
+                rows = slice(offsets[m], offsets[m + 1])
                 lr = self.engine.get_lr()[0]
                 entropy_norm = whole_batch_tokens if (epoch == 0 and cfg.entropy_metric) else None
                 metrics, grad_norm = self._rl_optimizer_step(
                     input_ids[rows], attention_mask[rows], {k: v[rows] for k, v in tensors.items()},
-                    num_tokens[m], num_seqs[m], entropy_norm, rollout_check if epoch == m == 0 else None,
+                    (num_tokens[m], num_seqs[m], trained_tokens[m]), entropy_norm,
+                    rollout_check if epoch == m == 0 else None,
                 )  # fmt: skip
                 grad_norms.append(grad_norm)
                 if self.critic is not None:
@@ -358,6 +366,7 @@ class LearnerWorker:
             "learner/lr": float(lr),
             "learner/step": float(self.step),
             "learner/optimizer_steps": float(n_steps),
+            "learner/skipped_rows_frac": plan.skipped_rows_frac,
             "perf/learner_step_s": elapsed,
             "perf/learner_tokens_per_s": once["learner/seq_tokens"] / elapsed,
         }
@@ -402,19 +411,22 @@ class LearnerWorker:
         input_ids: Tensor,
         attention_mask: Tensor,
         tensors: dict[str, Tensor],
-        num_tokens: float,
-        num_seqs: float,
+        normalisers: tuple[float, float, float],
         entropy_norm: float | None,
         rollout_check: tuple[Tensor, float] | None = None,
     ) -> tuple[dict[str, float], float]:
         """Micro-batches of one minibatch with gradient accumulation, then one optimizer step.
 
-        Returns this rank's share of the minibatch's loss metrics (and of `learner/entropy` over the
-        whole batch when `entropy_norm` is set; of `learner/logprob_diff`, the token mean of
-        |learner - rollout| logprobs over this minibatch before its update, when `rollout_check`
-        gives the rollout's logprobs and the minibatch's global token count) and the step's global
-        gradient norm.
+        `normalisers` are the minibatch's global (loss tokens, sequences, loss tokens of the rows
+        trained). Returns this rank's share of the minibatch's loss metrics, token means over the
+        rows trained (and of `learner/entropy` over the whole batch when `entropy_norm` is set; of
+        `learner/logprob_diff`, the token mean of |learner - rollout| logprobs over this minibatch
+        before its update, when `rollout_check` gives the rollout's logprobs and the minibatch's
+        global token count) and the step's global gradient norm.
         """
+        num_tokens, num_seqs, trained_tokens = normalisers
+        metric_scale = num_tokens / trained_tokens  # the loss's token means -> means over rows trained
+
         def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             logits = self._forward_logits(input_ids[rows], attention_mask[rows])  # (b, T, V)
             logprobs = token_logprobs(logits, input_ids[rows].to(self.device))  # (b, T)
@@ -431,6 +443,8 @@ class LearnerWorker:
                 logprobs, micro.pop("old_logprobs"), micro.pop("advantages"), mask,
                 **micro, **self._loss_options(), num_tokens=num_tokens, num_seqs=num_seqs,
             )  # fmt: skip
+            if metric_scale != 1.0:
+                metrics = {k: v if k in LOSS_VALUES else v * metric_scale for k, v in metrics.items()}
             return loss, metrics | extra | {"learner/loss": loss.item()}
 
         totals, grad_norm = self._accumulate(self.engine, input_ids.shape[0], micro_loss)
