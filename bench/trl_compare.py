@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from engine.config import AssayConfig, compose_config
+from learner.config import skips_zero_advantage
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = "bench_grpo"
@@ -138,7 +139,10 @@ def run_assay(cfg: AssayConfig) -> dict[str, Any]:
     ]
     parts = {key: sum(r[f"perf/{key}_s"] for r in rows if r["step"] >= 1) for key in ("rollout", "verify", "learn", "sync")}
     own_eval = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}  # vLLM greedy, the stage's own
+    trained = [r for r in rows if r["step"] >= 1]
+    skipped = sum(r.get("learner/skipped_rows_frac", 0.0) for r in trained) / max(len(trained), 1)
     return {"steps": steps, "wall_s": wall, "parts_s": parts, "export": str(result.export_dir),
+            "skipped_rows_frac": skipped,
             "own_eval_accuracy": {"first": own_eval.get(0), "last": own_eval.get(cfg.steps)}}
 
 
@@ -301,6 +305,9 @@ def settings_rows(cfg: AssayConfig, trl_args: Any, model_dir: str) -> list[dict[
         ("old logprobs", "a no-grad forward over the step's batch" if learner.old_logprobs == "learner"
          else "the rollout's own logprobs (learner.old_logprobs=rollout; no forward)",
          "one forward per generation batch (skipped when it is one optimizer step)", "implementation"),
+        ("zero-advantage rows", "left out of forward/backward (learner.skip_zero_advantage, no KL term)"
+         if skips_zero_advantage(learner) else "trained (an in-loss KL term or a critic reads them)",
+         "trained", "implementation (the same gradient)"),
         ("torch threads", f"learner {learner.threads} + rollout {rollout.threads}, taking turns",
          f"{torch.get_num_threads()} in one process", "each side uses the 2 cores"),
     ]
@@ -327,6 +334,7 @@ def compare(bench: GrpoBench, model: str | None, quick: bool, scratch: Path) -> 
     result = {
         "assay": {**summary(assay["steps"], assay["wall_s"], bench.last),
                   "heldout_greedy": heldout(assay["export"], {}, cfg), "parts_s": assay["parts_s"],
+                  "skipped_rows_frac": assay["skipped_rows_frac"],
                   "own_eval_accuracy": assay["own_eval_accuracy"]},
         "trl": {**summary(trl["steps"], trl["wall_s"], bench.last), "heldout_greedy": heldout(model_dir, trl["state"], cfg),
                 "lr_last": trl["lr_last"]},
@@ -367,4 +375,5 @@ def print_comparison(result: dict[str, Any]) -> None:
         print(f"{name} seconds per step: " + " ".join(f"{x:.2f}" for x in result[key]["seconds_per_step"]))
     parts = result["assay"]["parts_s"]
     print(f"Assay {result['assay_vs_trl_samples_per_s']:.2f}x TRL samples/s; Assay's train seconds: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+          + f"; zero-advantage rows left out of the learner: {result['assay']['skipped_rows_frac']:.0%}")

@@ -97,9 +97,10 @@ def minibatch_rank_rows(rows: int, batch_size: int, world_size: int) -> list[Ten
 class StepPlan:
     """How one RL step's rows reach the ranks, and what each minibatch is normalised by.
 
-    Per minibatch m: `rows[m]` rows on every rank (a positive multiple of micro_batch_size, the same
-    on every rank so that DeepSpeed's collectives stay in step), `num_tokens[m]` / `num_seqs[m]` the
-    loss normalisers of ALL its rows, `trained_tokens[m]` the loss tokens of the rows trained (the
+    Per minibatch m: `rows[m]` rows on every rank (the same on every rank, so that every rank runs the
+    same number of micro-batches and DeepSpeed's collectives stay in step; with rows left out it need
+    not be a multiple of micro_batch_size, and the last micro-batch is then smaller),
+    `num_tokens[m]` / `num_seqs[m]` the loss normalisers of ALL its rows, `trained_tokens[m]` the loss tokens of the rows trained (the
     metrics' normaliser; equal to `num_tokens[m]` when nothing is skipped).
     """
 
@@ -115,17 +116,16 @@ def plan_rl_step(
     loss_mask: Tensor,
     batch_size: int,
     world_size: int,
-    micro_batch_size: int,
     skip_zero_advantage: bool,
 ) -> tuple[StepPlan, list[Tensor], list[Tensor]]:
     """(plan, row index of each rank, padding flags of each rank) for a batch of (B, T) tensors.
 
     Without skipping, rank r gets the r-th contiguous chunk of every minibatch (`minibatch_rank_rows`).
     With it, the rows of a minibatch whose advantages are 0 on every loss token are left out and the
-    rest cut into `world_size` contiguous chunks, each padded to the same whole number of micro-batches
-    (at least one: the optimizer step of an all-zero minibatch still runs, as AdamW's moments and the
-    schedule would have moved). A padding row repeats a row of its minibatch and is flagged: the
-    caller zeroes its loss mask and advantages (`take_rows`), so it adds nothing to loss or metrics.
+    rest cut into `world_size` contiguous chunks, each padded to the same length (at least one row:
+    the optimizer step of an all-zero minibatch still runs, as AdamW's moments and the schedule would
+    have moved). A padding row repeats a row of its minibatch and is flagged: the caller zeroes its
+    loss mask and advantages (`take_rows`), so it adds nothing to loss or metrics.
     """
     num_tokens, num_seqs = minibatch_normalisers(loss_mask, batch_size)
     total = loss_mask.shape[0]
@@ -141,7 +141,7 @@ def plan_rl_step(
     per_rank, trained = [], []
     for start in range(0, total, batch_size):
         kept = start + torch.nonzero(live[start:start + batch_size]).flatten()  # (k,)
-        rows = max(1, math.ceil(math.ceil(len(kept) / world_size) / micro_batch_size)) * micro_batch_size
+        rows = max(1, math.ceil(len(kept) / world_size))
         per_rank.append(rows)
         trained.append(max(1.0, float(on_mask[kept].sum())))
         for rank in range(world_size):
@@ -237,7 +237,7 @@ class LearnerGroup:
             raise ValueError(f"LearnerGroup.train_rl_step: batch lacks {missing}; expected {list(required)}")
         cfg = self.cfg
         plan, index, pad = plan_rl_step(batch["advantages"], batch["loss_mask"], cfg.batch_size, self.world_size,
-                                        cfg.micro_batch_size, skips_zero_advantage(cfg))
+                                        skips_zero_advantage(cfg))
         keys = required + tuple(k for k in RL_OPTIONAL_KEYS if k in batch)
         tensors = {k: batch[k] for k in keys}
         refs = [

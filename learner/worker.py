@@ -298,7 +298,8 @@ class LearnerWorker:
         trained (all rows unless `skip_zero_advantage` left some out).
         """
         cfg = self.cfg
-        check_batch(batch, cfg.micro_batch_size)
+        # a whole batch is whole micro-batches; a planned shard may end in a shorter one
+        check_batch(batch, cfg.micro_batch_size if plan is None else 1)
         check_rl_batch(batch, cfg.tis_cap, critic=self.critic is not None)
         if plan is None:
             if self.world_size != 1:
@@ -306,9 +307,9 @@ class LearnerWorker:
             from learner.group import plan_rl_step, take_rows  # driver-side helpers, no Ray call
 
             plan, index, pad = plan_rl_step(batch["advantages"], batch["loss_mask"], cfg.batch_size, 1,
-                                            cfg.micro_batch_size, skips_zero_advantage(cfg))
+                                            skips_zero_advantage(cfg))
             batch = take_rows(batch, index[0], pad[0])
-        input_ids, attention_mask, loss_mask = check_batch(batch, cfg.micro_batch_size)
+        input_ids, attention_mask, loss_mask = check_batch(batch, 1)
         num_tokens, num_seqs, trained_tokens = plan.num_tokens, plan.num_seqs, plan.trained_tokens
         if input_ids.shape[0] != sum(plan.rows) or not len(num_tokens) == len(num_seqs) == len(plan.rows):
             raise ValueError(
@@ -470,16 +471,17 @@ class LearnerWorker:
     def _accumulate(
         self, engine: Any, rows: int, micro_loss: Any
     ) -> tuple[dict[str, float], float]:
-        """Run `micro_loss(rows_slice) -> (loss, metrics)` over the micro-batches of `rows` rows with
-        gradient accumulation into one optimizer step of `engine`; (summed metrics, global grad norm)."""
+        """Run `micro_loss(rows_slice) -> (loss, metrics)` over the micro-batches of `rows` rows (the last
+        one shorter when micro_batch_size does not divide `rows`) with gradient accumulation into one
+        optimizer step of `engine`; (summed metrics, global grad norm)."""
         engine.train()
         mbs = self.cfg.micro_batch_size
-        n_micro = rows // mbs
+        n_micro = -(-rows // mbs)
         totals: dict[str, float] = {}
         fallback_norm: float | None = None
         for i in range(n_micro):
             engine.set_gradient_accumulation_boundary(i == n_micro - 1)
-            loss, metrics = micro_loss(slice(i * mbs, (i + 1) * mbs))
+            loss, metrics = micro_loss(slice(i * mbs, min((i + 1) * mbs, rows)))
             engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if i == n_micro - 1:  # plain ZeRO-0 fp32 does not record the norm; gradients are reduced by now
                 fallback_norm = _grad_norm(engine.module) if self.cfg.zero_stage == 0 else None
