@@ -147,7 +147,8 @@ class LearnerConfig:
     (a GRPO group whose G rewards are all equal). Their policy-gradient term is exactly 0, so the
     gradient and every update are unchanged (the minibatch keeps its normalisers and its optimizer
     step); the token-mean metrics (`clip_frac`, `approx_kl`, `ratio_mean`, `entropy`, ...) are then
-    means over the rows trained, and `learner/skipped_rows_frac` says how many were left out. Applied
+    means over the rows trained (a minibatch with none adds 0 to the mean over optimizer steps), and
+    `learner/skipped_rows_frac` says how many were left out. Applied
     only where such rows add nothing to the loss: not with an in-loss KL term (`kl_coef > 0`) or a
     critic (`critic.enabled`), which train on every row."""
 
