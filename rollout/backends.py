@@ -66,10 +66,13 @@ def make_backend(
 
 
 class HFBackend:
-    """transformers forward passes with a KV cache; the `n` samples of a prompt are one batch.
+    """transformers forward passes with a KV cache over ONE left-padded batch of every prompt × n.
 
-    Sampling is our own loop (not `model.generate`) so that logprobs are of the raw logits and a
-    per-prompt `torch.Generator` makes seeded samples independent of what else is in the call.
+    Sampling is our own loop (not `model.generate`) so that logprobs are of the raw logits, and so
+    that seeded samples do not depend on what else is in the call: each prompt has its own
+    `torch.Generator`, which draws that prompt's n uniforms per step, and a token is picked from
+    them by inverse-CDF sampling over the batch's probabilities. (A prompt's logits in a batch differ
+    from its logits alone only by float summation noise, far below anything a draw could resolve.)
     """
 
     def __init__(self, model_dir: str, dtype: str, max_model_len: int) -> None:
@@ -81,54 +84,71 @@ class HFBackend:
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.max_model_len = max_model_len
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids, default=0)
 
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
     ) -> list[list[Completion]]:
-        return [self._sample_prompt(ids, n, sampling, seed) for ids, seed in zip(prompts, seeds, strict=True)]
-
-    def _sample_prompt(
-        self, prompt: list[int], n: int, sampling: Sampling, seed: int | None
-    ) -> list[Completion]:
-        gen = torch.Generator(device=self.device)
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(seed)
-        budget = min(sampling.max_tokens, self.max_model_len - len(prompt))
-        ids = torch.tensor([prompt] * n, device=self.device)  # (n, P): every row the same length
-        out = self.model(input_ids=ids, use_cache=True)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        cut_texts: list[str | None] = [None] * n  # the text of a row a stop string ended
-        for _ in range(budget):
-            logits = out.logits[:, -1].float()  # (n, V)
-            picked = _sample_tokens(logits, sampling.temperature, sampling.top_p, gen)  # (n,)
-            picked_logprobs = torch.log_softmax(logits, -1).gather(1, picked[:, None]).squeeze(1)  # (n,)
-            for row in range(n):
-                if finish[row] is not None:
-                    continue
-                token = int(picked[row])
-                tokens[row].append(token)
-                logprobs[row].append(float(picked_logprobs[row]))
-                if token in self.eos_ids:
-                    finish[row] = "stop"
-                elif sampling.stop:  # decoding every step is only needed to look for stop strings
-                    text = str(self.tokenizer.decode(tokens[row], skip_special_tokens=True))
-                    if (cut := _stop_cut(text, sampling.stop)) is not None:
-                        cut_texts[row], finish[row] = cut, "stop"
-            if all(reason is not None for reason in finish):
+        if not prompts:
+            return []
+        rows = [ids for ids in prompts for _ in range(n)]
+        budgets = torch.tensor(
+            [min(sampling.max_tokens, self.max_model_len - len(ids)) for ids in rows], device=self.device
+        )  # (R,)
+        width = max(len(ids) for ids in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)  # (R, P)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, P): left padding shifts no position
+        gens = [_generator(seed, self.device) for seed in seeds]
+        steps = int(budgets.max().clamp(min=0))
+        tokens = torch.zeros(len(rows), steps, dtype=torch.long, device=self.device)  # (R, T)
+        logprobs = torch.zeros(len(rows), steps, device=self.device)  # (R, T)
+        lengths = torch.zeros(len(rows), dtype=torch.long, device=self.device)  # (R,)
+        done = budgets <= 0  # (R,)
+        stopped = torch.zeros_like(done)  # ended by eos or a stop string (else by length)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        cut_texts: dict[int, str] = {}  # the text of a row a stop string ended
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for step in range(steps):
+            logits = out.logits[:, -1].float()  # (R, V)
+            uniforms = torch.cat([torch.rand(n, generator=g, device=self.device) for g in gens])  # (R,)
+            picked = _sample_tokens(logits, sampling.temperature, sampling.top_p, uniforms)  # (R,)
+            alive = ~done
+            tokens[:, step] = picked
+            logprobs[:, step] = torch.log_softmax(logits, -1).gather(1, picked[:, None]).squeeze(1)
+            lengths += alive.long()
+            hit_eos = alive & torch.isin(picked, eos)
+            stopped |= hit_eos
+            if sampling.stop:  # decoding every step is only needed to look for stop strings
+                for row in (alive & ~hit_eos).nonzero().flatten().tolist():
+                    text = self.tokenizer.decode(tokens[row, : step + 1].tolist(), skip_special_tokens=True)
+                    if (cut := _stop_cut(str(text), sampling.stop)) is not None:
+                        cut_texts[row] = cut
+                        stopped[row] = True
+            done = done | stopped | (lengths >= budgets)
+            if bool(done.all()):
                 break
-            out = self.model(input_ids=picked[:, None], past_key_values=out.past_key_values, use_cache=True)
-        texts = [
-            cut if cut is not None else str(self.tokenizer.decode(ids, skip_special_tokens=True))
-            for ids, cut in zip(tokens, cut_texts, strict=True)
-        ]
-        return [
-            Completion(tokens[row], logprobs[row], texts[row], finish[row] or "length") for row in range(n)
-        ]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (R, P + step + 1)
+            positions = positions[:, -1:] + 1  # (R, 1)
+            out = self.model(
+                input_ids=picked[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        completions = []
+        for row, (row_tokens, row_logprobs, length, stop) in enumerate(
+            zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist(), strict=True)
+        ):
+            kept = row_tokens[:length]
+            text = cut_texts.get(row)
+            if text is None:
+                text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
+            completions.append(Completion(kept, row_logprobs[:length], text, "stop" if stop else "length"))
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
@@ -153,8 +173,9 @@ class HFBackend:
         self.load_weights(self.receiver.receive(version).items())
 
 
-def _sample_tokens(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator) -> Tensor:
-    """One token id per row of `logits` (R, V): argmax at temperature 0, else nucleus sampling."""
+def _sample_tokens(logits: Tensor, temperature: float, top_p: float, uniforms: Tensor) -> Tensor:
+    """One token id per row of `logits` (R, V): argmax at temperature 0, else nucleus sampling, the
+    token of row r being where `uniforms[r]` (in [0, 1)) falls in the row's cumulative distribution."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)  # (R, V)
@@ -163,7 +184,20 @@ def _sample_tokens(logits: Tensor, temperature: float, top_p: float, gen: torch.
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the most likely always stays
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (R,)
+    cdf = probs.cumsum(-1)  # (R, V)
+    # the first token whose cumulative mass exceeds u: a token of zero mass is never it
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)  # (R,)
+    return picked.clamp(max=logits.shape[-1] - 1)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator seeded with `seed`, or from the OS when it is None."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
 
 
 def _stop_cut(text: str, stop: list[str]) -> str | None:
