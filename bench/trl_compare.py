@@ -366,7 +366,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     print(f"| GRPO training | samples/s | tokens/s | samples/s, median step | train s | start-up + eval s "
           f"| reward step 1 | reward last {s['reward_last_steps']} | held-out greedy (start {s['heldout_greedy_start']:.3f}) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, key in (("Assay (vLLM rollout, DeepSpeed learner)", "assay"), ("TRL 1.16 GRPOTrainer", "trl")):
+    backend = next(row["assay"].split()[0] for row in s["table"] if row["setting"] == "rollout")
+    for name, key in ((f"Assay ({backend} rollout, DeepSpeed learner)", "assay"), ("TRL 1.16 GRPOTrainer", "trl")):
         r = result[key]
         print(f"| {name} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['samples_per_s_median_step']:.0f} "
               f"| {r['train_s']:.1f} | {r['startup_and_eval_s']:.1f} | {r['reward_first']:.3f} | {r['reward']:.3f} "
