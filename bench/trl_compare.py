@@ -342,6 +342,7 @@ def compare(bench: GrpoBench, model: str | None, quick: bool, scratch: Path) -> 
             "checkpoint": model_dir, "checkpoint_origin": origin, "heldout_greedy_start": start_accuracy,
             "heldout_tasks": cfg.task.eval_size, "reward_last_steps": bench.last, "steps": cfg.steps,
             "prompts": cfg.rl.prompts_per_step, "n": cfg.rollout.n, "max_tokens": cfg.rollout.max_tokens,
+            "rollout_backend": cfg.rollout.backend,
             "lr": cfg.learner.lr, "batch_size": cfg.learner.batch_size, "threads": bench.threads,
             "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
             "assay_overrides": list(bench.overrides),
@@ -366,8 +367,8 @@ def print_comparison(result: dict[str, Any]) -> None:
     print(f"| GRPO training | samples/s | tokens/s | samples/s, median step | train s | start-up + eval s "
           f"| reward step 1 | reward last {s['reward_last_steps']} | held-out greedy (start {s['heldout_greedy_start']:.3f}) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    backend = next(row["assay"].split()[0] for row in s["table"] if row["setting"] == "rollout")
-    for name, key in ((f"Assay ({backend} rollout, DeepSpeed learner)", "assay"), ("TRL 1.16 GRPOTrainer", "trl")):
+    assay_name = f"Assay ({s['rollout_backend']} rollout, DeepSpeed learner)"
+    for name, key in ((assay_name, "assay"), ("TRL 1.16 GRPOTrainer", "trl")):
         r = result[key]
         print(f"| {name} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['samples_per_s_median_step']:.0f} "
               f"| {r['train_s']:.1f} | {r['startup_and_eval_s']:.1f} | {r['reward_first']:.3f} | {r['reward']:.3f} "
