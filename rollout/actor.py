@@ -14,7 +14,7 @@ import ray
 
 from rollout.config import RolloutConfig
 from rollout.types import Response, Sampling
-from rollout.weight_sync import WeightHandle, load_published
+from rollout.weight_sync import WeightHandle, WeightSyncError, load_published, recheck
 from verifiers.base import Task
 
 
@@ -48,6 +48,11 @@ class RolloutActor:
         state = load_published(handle)
         fetch_s = time.perf_counter() - start
         load_s = self.worker.load_weights(state, handle.version)
+        try:
+            recheck(handle, state)  # shm: the views were not rewritten while they loaded
+        except WeightSyncError:
+            self.worker.version = -1  # serving no published version
+            raise
         fast = float(getattr(self.worker.backend, "fast_load", False))
         return {
             "rollout/weight_fetch_s": fetch_s,
@@ -57,6 +62,15 @@ class RolloutActor:
 
     def version(self) -> int:
         return self.worker.version
+
+    def backend_info(self) -> dict[str, str]:
+        """The backend's name, its CPU linear kernel and the path its last weight load took (vllm)."""
+        backend = self.worker.backend
+        return {
+            "backend": self.worker.cfg.backend,
+            "cpu_linear": str(getattr(backend, "cpu_linear", "")),
+            "load_path": str(getattr(backend, "load_path", "")),
+        }
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
         self.worker.join_broadcast(host, port, rank, world_size)

