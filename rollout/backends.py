@@ -264,12 +264,16 @@ class VllmBackend:
             worker_extension_cls=VLLM_EXTENSION,
         )
         self.checkpoint_names = checkpoint_names(model_dir)
-        self.fast_load = False  # whether the last load took an in-place CPU path (else reload_weights)
         self.load_path = ""  # the path the last (or, for `torch` linears, every later) load took
         self.cpu_linear = "cuda" if torch.cuda.is_available() else cpu_linear_kernel(cpu_linear, model_dir)
         if self.cpu_linear == "torch":  # the checkpoint's weights once more, now kept: loads are copies
             weights = list(checkpoint_weights(model_dir).items())
             self.load_path = self.llm.collective_rpc("assay_use_torch_linear", args=(weights,))[0]
+
+    @property
+    def fast_load(self) -> bool:
+        """Whether the last load took an in-place CPU path (else vLLM's `reload_weights`)."""
+        return self.load_path in ("copy", "in_place_cpu")
 
     def generate(
         self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
@@ -315,8 +319,7 @@ class VllmBackend:
                 f"checkpoint, e.g. {sorted(missing)[:3]}: publish the full state dict"
             )
         paths = self.llm.collective_rpc("assay_reload_weights", args=(weights,))
-        self.fast_load = all(path in ("copy", "in_place_cpu") for path in paths)
-        self.load_path = paths[0]
+        self.load_path = paths[0] if len(set(paths)) == 1 else "mixed"  # workers that differ: not fast
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:

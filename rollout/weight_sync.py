@@ -182,9 +182,10 @@ class ShmWeightSync:
         return WeightHandle("shm", version, checksum, str(slot), len(state), _nbytes(state))
 
     def load(self, handle: WeightHandle) -> dict[str, Tensor]:
-        """The slot's tensors as read-only views of its files, mapped (no copy is made: the backend's
-        load is the one copy; the maps are kept for the next load), verified. The views read the slot as it is when read: a
-        caller that loads them calls `recheck` afterwards (see `RolloutActor.update_weights`)."""
+        """The slot's tensors, verified, as read-only views of its mapped files: no copy is made (the
+        backend's load is the one copy) and the maps are kept for the next load. The views read the
+        slot as it is when read, so a caller that loads them calls `recheck` afterwards (see
+        `RolloutActor.update_weights`)."""
         directory = Path(handle.location)
         manifest_file = directory / MANIFEST
         if not manifest_file.is_file():
@@ -232,9 +233,7 @@ class ShmWeightSync:
         if key not in self._maps:
             with path.open("r+b") as f:
                 mapped = mmap.mmap(f.fileno(), 0)
-            header_len = int.from_bytes(mapped[:8], "little")
-            header = json.loads(bytes(mapped[8 : 8 + header_len]))
-            base = 8 + header_len
+            base, header = _safetensors_header(mapped)
             spans = {
                 n: (base + v["data_offsets"][0], base + v["data_offsets"][1])
                 for n, v in header.items()
@@ -325,6 +324,14 @@ _SAFETENSORS_DTYPES = {
 _READ_MAPS: dict[str, tuple[int, int, bytes, dict[str, Tensor]]] = {}
 
 
+def _safetensors_header(mapped: mmap.mmap) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of the safetensors file in `mapped`."""
+    header_len = int.from_bytes(mapped[:8], "little")
+    if not 0 < header_len <= len(mapped) - 8:
+        raise ValueError(f"header length {header_len} does not fit a {len(mapped)}-byte file")
+    return 8 + header_len, json.loads(bytes(mapped[8 : 8 + header_len]))
+
+
 def mapped_safetensors(path: Path) -> dict[str, Tensor]:
     """The tensors of the safetensors file at `path` as read-only views of a shared memory map (no
     copy; never write into them). The map is kept for the next call on the same file."""
@@ -340,11 +347,7 @@ def mapped_safetensors(path: Path) -> dict[str, Tensor]:
                 return dict(views)
     with path.open("rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    header_len = int.from_bytes(mapped[:8], "little")
-    if not 0 < header_len <= len(mapped) - 8:
-        raise ValueError(f"header length {header_len} does not fit a {len(mapped)}-byte file")
-    header = json.loads(bytes(mapped[8 : 8 + header_len]))
-    base = 8 + header_len
+    base, header = _safetensors_header(mapped)
     views: dict[str, Tensor] = {}
     for name, entry in header.items():
         if name == "__metadata__":
