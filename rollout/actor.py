@@ -49,7 +49,7 @@ class RolloutActor:
         fetch_s = time.perf_counter() - start
         load_s = self.worker.load_weights(state, handle.version)
         try:
-            recheck(handle, state)  # shm: the views were not rewritten while they loaded
+            recheck(handle)  # shm: the views were not rewritten while they loaded
         except WeightSyncError:
             self.worker.version = -1  # serving no published version
             raise

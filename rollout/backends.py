@@ -21,6 +21,7 @@ is cut before it and the token ids keep the token that completed it (vLLM's defa
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from rollout.types import Completion, Sampling
+from rollout.weight_sync import copy_one_thread
 
 # Qualified name of the class vLLM mixes into its worker (see `VllmWeightExtension`).
 VLLM_EXTENSION = "rollout.backends.VllmWeightExtension"
@@ -263,6 +265,9 @@ class VllmBackend:
             **no_chunking,
             worker_extension_cls=VLLM_EXTENSION,
         )
+        # vLLM logs "Successfully reset prefix cache" at INFO on every weight load; in a Ray actor each
+        # line is also shipped to the driver's console, which cost ~1-2 ms per sync on this 2-core box.
+        logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)
         self.checkpoint_names = checkpoint_names(model_dir)
         self.load_path = ""  # the path the last (or, for `torch` linears, every later) load took
         self.cpu_linear = "cuda" if torch.cuda.is_available() else cpu_linear_kernel(cpu_linear, model_dir)
@@ -403,7 +408,7 @@ class VllmWeightExtension:
         if plan is not None and all(name in plan for name, _ in weights):
             with torch.no_grad():
                 for name, tensor in weights:
-                    plan[name].copy_(tensor)
+                    copy_one_thread(plan[name], tensor)
             return "copy"
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if cpu_in_place_plan(model) is not None:

@@ -23,6 +23,7 @@ it catches a corrupted or mixed-up bucket, not a deliberate forgery. (On this CP
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -98,9 +100,13 @@ def state_checksum(state: dict[str, Tensor]) -> str:
 
     digest = xxhash.xxh3_64()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+        tensor = state[name]
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:  # the bytes in place (`tensor` keeps them alive): half the cost of numpy views here
+            digest.update((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
     return digest.hexdigest()
 
 
@@ -141,10 +147,10 @@ class ShmWeightSync:
     shapes: every publish of one run) is rewritten in place through a memory map the publisher keeps
     open -- no serialization, no new tmpfs pages, no directory churn; on the demo's model that took
     a publish from 5.5 ms to ~1 ms. A new layout writes fresh files. The slot's manifest (version,
-    checksum, bucket files) is replaced atomically last. A reader checks the manifest's version and
-    the checksum of what it read, so a slot overwritten since its handle was made (the reader is
-    `keep` versions behind) or a torn read is an error naming the version, never silently mixed
-    weights.
+    checksum, bucket files) is removed first and written atomically last. A reader checks the
+    manifest's version and the checksum of what it read, and after its load that the manifest is
+    still there (`recheck`), so a slot overwritten since its handle was made (the reader is `keep`
+    versions behind) or a torn read is an error naming the version, never silently mixed weights.
     """
 
     shm_dir: str = "/dev/shm"
@@ -169,6 +175,9 @@ class ShmWeightSync:
         buckets = bucket_names(state, self.bucket_bytes)
         files = [f"bucket-{i:04d}.safetensors" for i in range(len(buckets))]
         layout = [[(n, str(state[n].dtype), tuple(state[n].shape)) for n in names] for names in buckets]
+        # The manifest goes first: a reader that re-reads it after its load (`recheck`) and finds it
+        # gone or changed knows the slot was rewritten under its views.
+        (slot / MANIFEST).unlink(missing_ok=True)
         if self._layouts.get(slot_index) == layout:
             for name, names in zip(files, buckets, strict=True):
                 self._overwrite(slot / name, {n: state[n] for n in names})
@@ -187,17 +196,7 @@ class ShmWeightSync:
         slot as it is when read, so a caller that loads them calls `recheck` afterwards (see
         `RolloutActor.update_weights`)."""
         directory = Path(handle.location)
-        manifest_file = directory / MANIFEST
-        if not manifest_file.is_file():
-            raise WeightSyncError(
-                f"weight version {handle.version}: {manifest_file} is missing (closed, or another node's /dev/shm?)"
-            )
-        manifest = json.loads(manifest_file.read_text())
-        if int(manifest["version"]) != handle.version:
-            raise WeightSyncError(
-                f"{directory} holds weight version {manifest['version']}, but version {handle.version} was "
-                "requested (its slot was reused: the reader is more versions behind than the publisher keeps)"
-            )
+        manifest = _shm_manifest(handle)
         state: dict[str, Tensor] = {}
         for name in manifest["buckets"]:
             try:
@@ -245,7 +244,7 @@ class ShmWeightSync:
             begin, end = spans[name]
             if end > begin:
                 target = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
-                target.copy_(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
+                copy_one_thread(target, tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
 
     def _unmap(self, under: str | None = None) -> None:
         for key in [k for k in self._maps if under is None or k.startswith(under + os.sep)]:
@@ -296,17 +295,40 @@ class RayWeightSync:
         self._live = []
 
 
-def recheck(handle: WeightHandle, state: dict[str, Tensor]) -> None:
-    """After `state` (from `load_published`) was loaded: raise `WeightSyncError` if an `shm` slot
+def _shm_manifest(handle: WeightHandle) -> dict[str, Any]:
+    """The manifest of the handle's slot, which must name the handle's version."""
+    manifest_file = Path(handle.location) / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except FileNotFoundError:
+        raise WeightSyncError(
+            f"weight version {handle.version}: {manifest_file} is missing (closed, being rewritten by a "
+            "newer publish, or another node's /dev/shm?)"
+        ) from None
+    if int(manifest["version"]) != handle.version:
+        raise WeightSyncError(
+            f"{handle.location} holds weight version {manifest['version']}, but version {handle.version} was "
+            "requested (its slot was reused: the reader is more versions behind than the publisher keeps)"
+        )
+    return manifest
+
+
+def recheck(handle: WeightHandle) -> None:
+    """After the tensors `load_published(handle)` returned were loaded: raise `WeightSyncError` if an `shm` slot
     changed under the views since they were verified (the publisher reused it while a reader was
     `keep` versions behind), so what was loaded is not the version the handle names. Ray objects are
-    immutable: nothing to check."""
+    immutable: nothing to check.
+
+    A publisher removes a slot's manifest before it touches the slot's data and writes the new one
+    last, so the manifest still naming the handle's version after the load means no rewrite began
+    since `load` verified the checksum: one small file read, not a second pass over the weights."""
     if handle.transport == "shm":
         try:
-            verify(handle, state, handle.version, f"{handle.location} (re-read after the load)")
+            _shm_manifest(handle)
         except WeightSyncError as exc:
             raise WeightSyncError(
-                f"{exc}; the slot was rewritten during the load, so the served weights are mixed"
+                f"{exc}; re-read after the load: the slot was rewritten during the load, so the served "
+                "weights are mixed"
             ) from exc
 
 
@@ -366,6 +388,28 @@ def mapped_safetensors(path: Path) -> dict[str, Tensor]:
         views[name] = flat.view(dtype).view(shape)
     _READ_MAPS[key] = (info.st_ino, info.st_size, bytes(mapped[:base]), views)
     return dict(views)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def copy_one_thread(dst: Tensor, src: Tensor) -> None:
+    """`dst.copy_(src)` for CPU tensors of one shape and dtype, as a plain memcpy on the calling thread.
+
+    A weight sync copies while the other side of it (the publisher, or a rollout actor) is awake on
+    the same cores: torch's `copy_` of a few MiB wakes its OpenMP pool, whose threads then spin, and
+    on this 2-core machine the two pools took turns -- a vLLM load went from 1 ms to 6-10 ms. A copy
+    is bound by memory bandwidth, which one thread already reaches; numpy copies without the pool
+    (and releases the GIL). Elements are moved as same-size integers, so bf16 copies too; a `src` of
+    another dtype (fp32 weights into a bf16 engine) is converted first, as `copy_` would."""
+    if dst.shape != src.shape:
+        raise ValueError(f"copy of shape {tuple(src.shape)} into shape {tuple(dst.shape)}")
+    if dst.numel() == 0:
+        return
+    if src.dtype != dst.dtype:
+        src = src.to(dst.dtype)
+    as_int = _SAME_SIZE_INT[dst.element_size()]
+    numpy.copyto(dst.detach().view(as_int).numpy(), src.detach().view(as_int).numpy())
 
 
 def _nbytes(state: dict[str, Tensor]) -> int:

@@ -17,6 +17,7 @@ from rollout.weight_sync import (
     WeightHandle,
     WeightSyncError,
     bucket_names,
+    copy_one_thread,
     make_weight_sync,
     mapped_safetensors,
     recheck,
@@ -97,13 +98,13 @@ def test_shm_load_maps_the_files_and_recheck_sees_a_rewrite_under_them(tmp_path)
     for name, tensor in first.items():
         assert torch.equal(loaded[name], tensor)
     assert mapped_safetensors(Path(handle.location) / "bucket-0000.safetensors").keys() == {"a.weight"}
-    recheck(handle, loaded)  # nothing changed: passes
+    recheck(handle)  # nothing changed: passes
     sync.publish(small_state(), 2)  # the publisher rewrites the slot in place under the views
     assert torch.equal(loaded["a.weight"], small_state()["a.weight"])  # the views see the new bytes
     with pytest.raises(
         WeightSyncError, match=r"version 1 .*re-read after the load.*rewritten during the load"
     ):
-        recheck(handle, loaded)
+        recheck(handle)
     sync.close()
 
 
@@ -146,3 +147,17 @@ def test_ray_round_trip_and_checksum_error(ray_local):
     with pytest.raises(WeightSyncError, match=r"holds weight version 4, but version 5 was requested"):
         sync.load(WeightHandle("ray", 5, handle.checksum, handle.location))
     sync.close()
+
+
+def test_copy_one_thread_copies_views_converts_dtypes_and_names_a_shape_mismatch():
+    fused = torch.zeros(6, 4)
+    src = torch.arange(8.0).view(2, 4)
+    copy_one_thread(fused[2:4], src)  # a row slice of a fused parameter, as the vLLM copy plan has
+    assert torch.equal(fused[2:4], src) and fused[:2].abs().sum() == 0 and fused[4:].abs().sum() == 0
+    half = torch.zeros(3, dtype=torch.bfloat16)
+    copy_one_thread(half, torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16))
+    assert half.tolist() == [1.5, -2.0, 3.25]
+    copy_one_thread(half, torch.tensor([0.5, 1.0, -4.0]))  # fp32 into bf16: converted, as copy_ does
+    assert half.tolist() == [0.5, 1.0, -4.0]
+    with pytest.raises(ValueError, match=r"copy of shape \(4,\) into shape \(3,\)"):
+        copy_one_thread(half, torch.zeros(4))
