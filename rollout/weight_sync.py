@@ -394,7 +394,7 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 
 def copy_one_thread(dst: Tensor, src: Tensor) -> None:
-    """`dst.copy_(src)` for CPU tensors of one shape and dtype, as a plain memcpy on the calling thread.
+    """`dst.copy_(src)` for CPU tensors of one shape, as a plain memcpy on the calling thread.
 
     A weight sync copies while the other side of it (the publisher, or a rollout actor) is awake on
     the same cores: torch's `copy_` of a few MiB wakes its OpenMP pool, whose threads then spin, and
