@@ -7,7 +7,8 @@
     are counted as produced (up to and including eos). Goal: the default backend (`vllm`) >= 1x the peer.
 (b) Weight sync: `RolloutGroup.update_weights(state, version)` -- what the RL loop calls after each
     step: publish (checksum + write), fetch in the actor (read + verify), load into vLLM in place --
-    through the `shm` and `ray` transports, against the peer `model.load_state_dict(state)` into a
+    through the `shm` transport (handle handed over by the socket doorbell, the default, and by a
+    Ray call, `rollout.weight_notify=ray`) and the `ray` transport, against the peer `model.load_state_dict(state)` into a
     same-shaped model in this process (an in-place copy into a model that serves, the least a weight
     update can do; `{k: v.clone()}` is printed too). Goal: <= 2x the peer.
 
@@ -237,9 +238,14 @@ def start_groups(
     from rollout.config import RolloutConfig
     from rollout.group import RolloutGroup
 
-    def group(backend: str, sync: str) -> tuple[Any, float]:
+    def group(backend: str, sync: str, notify: str = "socket") -> tuple[Any, float]:
         cfg = RolloutConfig(
-            backend=backend, max_model_len=max_model_len, kv_cache_gib=0.25, weight_sync=sync, threads=threads
+            backend=backend,
+            max_model_len=max_model_len,
+            kv_cache_gib=0.25,
+            weight_sync=sync,
+            threads=threads,
+            weight_notify=notify,
         )
         start = time.perf_counter()
         g = RolloutGroup(cfg, model_dir, num_workers=1)
@@ -247,9 +253,14 @@ def start_groups(
 
     hf, hf_s = group("hf", "shm")
     vllm_shm, vllm_shm_s = group("vllm", "shm")
+    vllm_shm_call, _ = group("vllm", "shm", notify="ray")
     vllm_ray, vllm_ray_s = group("vllm", "ray")
     rollout = {"assay hf backend": hf, "assay vllm backend (default)": vllm_shm}
-    sync = {"update_weights vllm, shm": vllm_shm, "update_weights vllm, ray": vllm_ray}
+    sync = {
+        "update_weights vllm, shm": vllm_shm,
+        "update_weights vllm, shm, weight_notify=ray": vllm_shm_call,
+        "update_weights vllm, ray": vllm_ray,
+    }
     startup = {
         "hf actor (group start, s)": hf_s,
         "vllm actor (group start, s)": min(vllm_shm_s, vllm_ray_s),
@@ -369,7 +380,7 @@ def bench_serving(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = args.model or build_model(
             Path(tmp) / "model", args.hidden, args.layers, args.heads, args.intermediate
         )
-        init_ray(num_cpus=4)  # 3 one-CPU actors (hf, vllm+shm, vllm+ray)
+        init_ray(num_cpus=4)  # 4 one-CPU actors (hf, vllm+shm, vllm+shm with Ray-call notify, vllm+ray)
         rollout_groups, sync_groups, startup = start_groups(
             model_dir, max_model_len=256, threads=args.threads
         )

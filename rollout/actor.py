@@ -8,11 +8,13 @@ its own.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
 
 from rollout.config import RolloutConfig
+from rollout.doorbell import DoorbellServer
 from rollout.types import Response, Sampling
 from rollout.weight_sync import WeightHandle, WeightSyncError, load_published, recheck
 from verifiers.base import Task
@@ -30,6 +32,8 @@ class RolloutActor:
         torch.set_num_threads(cfg.threads)  # before the backend starts: vLLM's CPU worker pins them
         self.rank = rank
         self.worker = RolloutWorker(cfg, model_dir)
+        self.lock = threading.Lock()  # a weight load through the doorbell thread never overlaps generation
+        self.doorbell: DoorbellServer | None = None
 
     def ready(self) -> float:
         """Returns, once the backend is up, the seconds its start-up took."""
@@ -40,19 +44,29 @@ class RolloutActor:
         return ray.get_runtime_context().get_node_id()
 
     def generate(self, tasks: list[Task], n: int, sampling: Sampling) -> list[Response]:
-        return self.worker.generate(tasks, n, sampling)
+        with self.lock:
+            return self.worker.generate(tasks, n, sampling)
+
+    def open_doorbell(self, path: str) -> str:
+        """Serve `update_weights` for handles sent to the UNIX socket `path` (`rollout.doorbell`);
+        returns the path once it listens."""
+        if self.doorbell is not None:
+            self.doorbell.close()
+        self.doorbell = DoorbellServer(path, self.update_weights)
+        return path
 
     def update_weights(self, handle: WeightHandle) -> dict[str, float]:
         """Fetch the published weights (version and checksum verified), load them in place."""
-        start = time.perf_counter()
-        state = load_published(handle)
-        fetch_s = time.perf_counter() - start
-        load_s = self.worker.load_weights(state, handle.version)
-        try:
-            recheck(handle)  # shm: the views were not rewritten while they loaded
-        except WeightSyncError:
-            self.worker.version = -1  # serving no published version
-            raise
+        with self.lock:
+            start = time.perf_counter()
+            state = load_published(handle)
+            fetch_s = time.perf_counter() - start
+            load_s = self.worker.load_weights(state, handle.version)
+            try:
+                recheck(handle)  # shm: the views were not rewritten while they loaded
+            except WeightSyncError:
+                self.worker.version = -1  # serving no published version
+                raise
         fast = float(getattr(self.worker.backend, "fast_load", False))
         return {
             "rollout/weight_fetch_s": fetch_s,

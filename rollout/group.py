@@ -8,6 +8,8 @@ split does not change what is sampled.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -18,6 +20,7 @@ from torch import Tensor
 from rollout.actor import RolloutActor
 from rollout.broadcast import BroadcastPublisher, free_port
 from rollout.config import RolloutConfig
+from rollout.doorbell import Doorbell
 from rollout.types import Response, Sampling
 from rollout.weight_sync import WeightHandle, WeightSync, make_weight_sync
 from verifiers.base import Task
@@ -63,10 +66,43 @@ class RolloutGroup:
         self.version = 0
         self.sync: WeightSync | None = None
         self.publisher: BroadcastPublisher | None = None
+        self.doorbells: list[Doorbell] = []
+        self._doorbell_dir: str | None = None
         if cfg.weight_sync == "nccl":
             self.publisher = self._join_broadcast()
         else:
             self.sync = make_weight_sync(cfg)
+        if cfg.weight_sync == "shm" and cfg.weight_notify == "socket":
+            self.doorbells = self._open_doorbells()
+
+    def _open_doorbells(self) -> list[Doorbell]:
+        """One UNIX socket per actor (`rollout.doorbell`), in a short-named directory of this node's
+        temp dir (a socket path must stay under ~100 bytes), removed by `shutdown`."""
+        self._doorbell_dir = tempfile.mkdtemp(prefix="assay-bell-")
+        paths = ray.get(
+            [
+                actor.open_doorbell.remote(f"{self._doorbell_dir}/{rank}.sock")
+                for rank, actor in enumerate(self.actors)
+            ]
+        )
+        return [Doorbell(path, f"rollout actor {rank}") for rank, path in enumerate(paths)]
+
+    def _ring_doorbells(self, handle: WeightHandle) -> list[dict[str, float]]:
+        """Every actor's metrics for `handle`, handed over by the doorbells (all rung before any reply
+        is read, so the actors load at once); every reply is read before the first error is raised,
+        so no stale reply waits on a socket."""
+        for bell in self.doorbells:
+            bell.ring(handle)
+        replies: list[dict[str, float]] = []
+        errors: list[RuntimeError] = []
+        for bell in self.doorbells:
+            try:
+                replies.append(bell.answer())
+            except RuntimeError as exc:  # a WeightSyncError too
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return replies
 
     def _join_broadcast(self) -> BroadcastPublisher:
         """Rendezvous of this process (rank 0, the publisher) with every actor (ranks 1..N)."""
@@ -105,7 +141,10 @@ class RolloutGroup:
             assert self.sync is not None
             handle = self.sync.publish(state, version)
             publish_s = time.perf_counter() - start
-            per_actor = ray.get([actor.update_weights.remote(handle) for actor in self.actors])
+            if self.doorbells:
+                per_actor = self._ring_doorbells(handle)
+            else:
+                per_actor = ray.get([actor.update_weights.remote(handle) for actor in self.actors])
         self.version = version
         return {
             "rollout/weight_version": float(version),
@@ -124,6 +163,11 @@ class RolloutGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        for bell in self.doorbells:
+            bell.close()
+        self.doorbells = []
+        if self._doorbell_dir is not None:
+            shutil.rmtree(self._doorbell_dir, ignore_errors=True)
         if self.sync is not None:
             self.sync.close()
         if self.publisher is not None:

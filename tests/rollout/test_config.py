@@ -22,6 +22,7 @@ def test_defaults_are_the_cpu_choices():
         ({"dtype": "int8"}, r"rollout.dtype='int8' is not one of"),
         ({"weight_sync": "nfs"}, r"rollout.weight_sync='nfs' is not one of"),
         ({"cpu_linear": "mkl"}, r"rollout.cpu_linear='mkl' is not one of \('auto', 'onednn', 'torch'\)"),
+        ({"weight_notify": "zmq"}, r"rollout.weight_notify='zmq' is not one of \('socket', 'ray'\)"),
         ({"n": 0}, r"rollout.n must be a positive integer, got 0"),
         ({"temperature": -0.5}, r"rollout.temperature must be >= 0"),
         ({"top_p": 0.0}, r"rollout.top_p must be in \(0, 1\]"),

@@ -76,6 +76,15 @@ def test_shm_round_trip_keeps_dtypes_and_reuses_its_slots(tmp_path):
     assert not sync.root.exists()
 
 
+def test_shm_checksum_is_xxh3_over_the_bucket_files_whole(tmp_path):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=64)
+    for version in (1, 2, 3):  # written afresh, then rewritten in place
+        handle = sync.publish({k: v + version for k, v in small_state().items()}, version)
+        files = [Path(handle.location) / f"bucket-{i:04d}.safetensors" for i in range(3)]
+        assert handle.checksum == xxhash.xxh3_64(b"".join(f.read_bytes() for f in files)).hexdigest()
+    sync.close()
+
+
 def test_shm_corrupt_bucket_fails_its_checksum(tmp_path):
     sync = ShmWeightSync(str(tmp_path), bucket_bytes=64)
     handle = sync.publish(small_state(), 7)
