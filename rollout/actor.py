@@ -59,13 +59,20 @@ class RolloutActor:
         """Fetch the published weights (version and checksum verified), load them in place."""
         with self.lock:
             start = time.perf_counter()
-            state = load_published(handle)
-            fetch_s = time.perf_counter() - start
-            load_s = self.worker.load_weights(state, handle.version)
             try:
-                recheck(handle)  # shm: the views were not rewritten while they loaded
-            except WeightSyncError:
-                self.worker.version = -1  # serving no published version
+                state = load_published(handle)
+                fetch_s = time.perf_counter() - start
+                share = handle.transport == "shm" and handle.shareable
+                load_s = self.worker.load_weights(state, handle.version, share=share)
+                try:
+                    recheck(handle)  # shm: the views were not rewritten while they loaded
+                except WeightSyncError:
+                    self.worker.version = -1  # serving no published version
+                    raise
+            except Exception:
+                # weights served from a slot (shared by an earlier load) become private copies: the
+                # publisher reuses that slot two publishes on, and this actor will not have moved on
+                self.worker.backend.own_weights()
                 raise
         fast = float(getattr(self.worker.backend, "fast_load", False))
         return {

@@ -10,7 +10,8 @@ start-up against ~30 s with the engine in a subprocess). Its weights are reloade
 linear layers drop their weights after packing them for oneDNN: with `rollout.cpu_linear=onednn` every
 load gives the layers weights again and re-packs them (`load_in_place_cpu`); with `torch` (the default
 for the demo's model size) the layers keep their weights and compute with `F.linear`, and a load is one
-`copy_` per tensor (`copy_plan`). Off the CPU, the worker's `reload_weights(...)`. An
+`copy_` per tensor (`copy_plan`) -- or none, where an `shm` slot may be served in place: the
+parameters then become views of the slot's mapped bytes (`WeightShares`). Off the CPU, the worker's `reload_weights(...)`. An
 in-process engine also sets torch to one thread, binds memory to a NUMA node and opens a gloo
 process group, so it belongs in its own process (a Ray actor), never in a test process.
 
@@ -47,8 +48,14 @@ class GenerationBackend(Protocol):
         """`n` completions of each prompt; `seeds[i]` seeds the samples of prompt i (None: unseeded)."""
         ...
 
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Replace the served weights in place (HF parameter names, any device)."""
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
+        """Replace the served weights in place (HF parameter names, any device). `share`: the tensors
+        stay valid and unchanged until the next load (a shareable `shm` slot), so the backend may
+        serve them themselves instead of copying them."""
+        ...
+
+    def own_weights(self) -> None:
+        """Serve private copies of any weights shared by the last load (before its slot may be reused)."""
         ...
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
@@ -156,8 +163,11 @@ class HFBackend:
             completions.append(Completion(kept, row_logprobs[:length], text, "stop" if stop else "length"))
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
+    def own_weights(self) -> None:
+        """Nothing to do: this backend always copies."""
+
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
         for name, tensor in weights:
@@ -278,7 +288,7 @@ class VllmBackend:
     @property
     def fast_load(self) -> bool:
         """Whether the last load took an in-place CPU path (else vLLM's `reload_weights`)."""
-        return self.load_path in ("copy", "in_place_cpu")
+        return self.load_path in ("shared", "copy", "in_place_cpu")
 
     def generate(
         self, prompts: list[list[int]], n: int, sampling: Sampling, seeds: list[int | None]
@@ -315,7 +325,7 @@ class VllmBackend:
         flat = [_completion(sample, tokenizer) for out in outputs for sample in out.outputs]
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], share: bool = False) -> None:
         weights = list(weights)
         missing = self.checkpoint_names - {name for name, _ in weights}
         if missing:  # checked before the model is touched: the fast load rebuilds whole layers
@@ -323,9 +333,12 @@ class VllmBackend:
                 f"VllmBackend.load_weights: the weights lack {len(missing)} tensor(s) of the served "
                 f"checkpoint, e.g. {sorted(missing)[:3]}: publish the full state dict"
             )
-        paths = self.llm.collective_rpc("assay_reload_weights", args=(weights,))
+        paths = self.llm.collective_rpc("assay_reload_weights", args=(weights, share))
         self.load_path = paths[0] if len(set(paths)) == 1 else "mixed"  # workers that differ: not fast
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def own_weights(self) -> None:
+        self.llm.collective_rpc("assay_own_weights")
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
         # the receiver lives in vLLM's worker, next to the model (tensor_parallel_size 1 only)
@@ -398,18 +411,25 @@ class VllmWeightExtension:
         load_in_place_cpu(model, weights, torch_linear=True)
         self.assay_torch_linear = True
         self.assay_copy_plan = copy_plan(model, dict(weights))
-        return "copy" if self.assay_copy_plan is not None else "in_place_cpu"
+        if self.assay_copy_plan is None:
+            return "in_place_cpu"
+        self.assay_shares = WeightShares(model, self.assay_copy_plan)
+        return "copy"
 
-    def assay_reload_weights(self, weights: list[tuple[str, Tensor]]) -> str:
+    def assay_reload_weights(self, weights: list[tuple[str, Tensor]], share: bool = False) -> str:
         """Load checkpoint-format (HF-named) weights in place, as if read from the model directory;
-        returns the path taken: `copy` (one `copy_` per tensor into the kept weights: `copy_plan`),
-        `in_place_cpu` (`load_in_place_cpu`) or `reload_weights` (vLLM's)."""
+        returns the path taken: `shared` (some parameters now ARE views of `weights`: `WeightShares`,
+        only where `share` says they stay valid), `copy` (one `copy_` per tensor into the kept
+        weights: `copy_plan`), `in_place_cpu` (`load_in_place_cpu`) or `reload_weights` (vLLM's)."""
         plan = getattr(self, "assay_copy_plan", None)
         if plan is not None and all(name in plan for name, _ in weights):
+            shared = self.assay_shares.adopt(dict(weights) if share else {})
             with torch.no_grad():
                 for name, tensor in weights:
-                    copy_one_thread(plan[name], tensor)
-            return "copy"
+                    if name not in shared:
+                        copy_one_thread(plan[name], tensor)
+            return "shared" if shared else "copy"
+        self.assay_own_weights()
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if cpu_in_place_plan(model) is not None:
             load_in_place_cpu(model, weights, torch_linear=getattr(self, "assay_torch_linear", False))
@@ -417,6 +437,12 @@ class VllmWeightExtension:
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)  # type: ignore[attr-defined]
         _retie_lm_head(model)
         return "reload_weights"
+
+    def assay_own_weights(self) -> None:
+        """Serve private copies of the parameters the last load shared."""
+        shares = getattr(self, "assay_shares", None)
+        if shares is not None:
+            shares.adopt({})
 
     def assay_join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join the `nccl` weight group on this worker's device."""
@@ -569,6 +595,94 @@ def copy_plan(model: Any, weights: dict[str, Tensor]) -> dict[str, Tensor] | Non
         covered[id(param)] = covered.get(id(param), 0) + written
     whole = all(covered.get(id(p), 0) >= p.numel() for p in params.values())
     return plan if whole else None
+
+
+class WeightShares:
+    """Serving published weights without copying them: a parameter of the served model becomes a
+    view of the published tensors themselves when those lie back to back in one buffer, in the
+    parameter's row order, with its dtype and exactly its size (`shm` bucket files keep the state's
+    order, so a layer's q/k/v and gate/up land so: `write_safetensors`). A parameter whose tensors do
+    not (a vocabulary vLLM padded, another dtype) keeps its own memory and the copy plan's copies.
+
+    Only for tensors that stay valid until the next load (`WeightHandle.shareable`). A parameter
+    shared before and not now (a copy-only load, `own_weights` after a failed load) gets its own
+    memory again first, and its copy plan's views are re-pointed into it, so a copy never writes into
+    a read-only map nor into memory no longer served.
+    """
+
+    def __init__(self, model: Any, plan: dict[str, Tensor]) -> None:
+        self.plan = plan
+        self.params = dict(model.named_parameters())  # a tied head once: it is the embedding's tensor
+        by_storage = {p.data.untyped_storage().data_ptr(): name for name, p in self.params.items()}
+        self.members: dict[str, list[tuple[str, int]]] = {}  # parameter -> (checkpoint name, first row)
+        for name, view in plan.items():
+            target = by_storage[view.untyped_storage().data_ptr()]
+            param = self.params[target].data
+            row_bytes = param.stride(0) * param.element_size() if param.dim() else 1
+            first_row = (view.data_ptr() - param.data_ptr()) // row_bytes
+            self.members.setdefault(target, []).append((name, first_row))
+        for parts in self.members.values():
+            parts.sort(key=lambda part: part[1])
+        self.shared: set[str] = set()  # parameters that are views of published tensors now
+        # parameter -> its last two joins: (ids of the tensors, the tensors, their view). A reader
+        # hands out the same view objects for a slot at every load (`mapped_bucket`), so alternating
+        # slots hit this; checking a join afresh took ~20 us a parameter.
+        self.joins: dict[str, list[tuple[tuple[int, ...], list[Tensor], Tensor]]] = {}
+
+    def adopt(self, weights: dict[str, Tensor]) -> set[str]:
+        """Point every parameter that `weights` can back (see the class) at them; own the rest again.
+        Returns the checkpoint names now served in place (the caller copies the others)."""
+        views = {}
+        for target, parts in self.members.items():
+            tensors = [weights.get(name) for name, _ in parts]
+            key = tuple(map(id, tensors))
+            kept = self.joins.setdefault(target, [])
+            view = next((v for k, _, v in kept if k == key), None)
+            if view is None:
+                view = self._joined(self.params[target].data, tensors)
+                if view is not None:
+                    kept[:] = [*kept[-1:], (key, tensors, view)]  # holding the tensors keeps their ids
+            if view is not None:
+                views[target] = view
+        for target in self.shared - views.keys():
+            self._own(target)
+        for target, view in views.items():
+            self.params[target].data = view
+        self.shared = set(views)
+        return {name for target in views for name, _ in self.members[target]}
+
+    @staticmethod
+    def _joined(param: Tensor, tensors: list[Tensor | None]) -> Tensor | None:
+        """One view of `tensors` shaped as `param`, or None where they are not laid out as it is."""
+        if not tensors or any(t is None for t in tensors):
+            return None
+        first = tensors[0]
+        assert first is not None
+        position = first.data_ptr()
+        storage = first.untyped_storage().data_ptr()
+        rows = 0
+        for t in tensors:
+            assert t is not None
+            if (
+                t.dtype != param.dtype
+                or not t.is_contiguous()
+                or t.data_ptr() != position
+                or t.untyped_storage().data_ptr() != storage
+                or t.shape[1:] != param.shape[1:]
+            ):
+                return None
+            position += t.numel() * t.element_size()
+            rows += t.shape[0] if t.dim() else 1
+        if rows != (param.shape[0] if param.dim() else 1):
+            return None  # padding rows past the checkpoint's
+        return first.as_strided(param.shape, param.stride(), first.storage_offset())
+
+    def _own(self, target: str) -> None:
+        param = self.params[target]
+        param.data = param.data.clone()
+        for name, first_row in self.members[target]:
+            old = self.plan[name]
+            self.plan[name] = param.data.narrow(0, first_row, old.shape[0]) if old.dim() else param.data
 
 
 def _recreate_linear_weight(layer: Any) -> None:

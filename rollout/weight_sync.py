@@ -63,6 +63,10 @@ class WeightHandle:
     """`shm`: the version's directory (str); `ray`: the list of bucket ObjectRefs."""
     num_tensors: int = 0
     num_bytes: int = 0
+    shareable: bool = False
+    """`shm`: a reader may serve the slot's mapped bytes themselves (no copy) until its next load: the
+    publisher keeps >= 2 slots, so the next publish goes to another slot than the one just handed out
+    (see `ShmWeightSync`)."""
 
 
 class WeightSync(Protocol):
@@ -169,9 +173,17 @@ class ShmWeightSync:
     open -- no serialization, no new tmpfs pages, no directory churn; on the demo's model that took
     a publish from 5.5 ms to ~1 ms. A new layout writes fresh files. The slot's manifest (version,
     checksum of the files as written, bucket files) is removed first and written atomically last. A
-    reader checks the manifest's version and the checksum of the files it mapped, and after its load that the manifest is
-    still there (`recheck`), so a slot overwritten since its handle was made (the reader is `keep`
-    versions behind) or a torn read is an error naming the version, never silently mixed weights.
+    reader checks the manifest's version and the checksum of the files it mapped, and after its load
+    that the manifest is still there (`recheck`), so a slot overwritten since its handle was made (the
+    reader is `keep` versions behind) or a torn read is an error naming the version, never silently
+    mixed weights.
+
+    Serving a slot in place (`WeightHandle.shareable`, with `keep` >= 2): a vLLM actor may serve the
+    mapped bytes themselves until its next load (`rollout.backends.WeightShares`). That is safe
+    because `RolloutGroup.update_weights` publishes version v + 1 into another slot than v's and
+    returns only once every actor has moved on to it, so the slot of v is rewritten (by v + 2) when
+    nobody serves it any more; an actor whose load fails copies what it serves out of its slot first
+    (`GenerationBackend.own_weights`).
     """
 
     shm_dir: str = "/dev/shm"
@@ -210,11 +222,14 @@ class ShmWeightSync:
         with open(tmp, "w") as f:
             f.write(json.dumps(manifest))
         os.replace(tmp, f"{slot}{os.sep}{MANIFEST}")
-        return WeightHandle("shm", version, checksum, str(slot), len(state), _nbytes(state))
+        return WeightHandle(
+            "shm", version, checksum, str(slot), len(state), _nbytes(state), shareable=self.keep >= 2
+        )
 
     def load(self, handle: WeightHandle) -> dict[str, Tensor]:
         """The slot's tensors, verified, as read-only views of its mapped files: no copy is made (the
-        backend's load is the one copy) and the maps are kept for the next load. The views read the
+        backend copies them, or serves them in place) and the maps are kept for the next load. The
+        tensors of one bucket file share one storage, in the file's order. The views read the
         slot as it is when read, so a caller that loads them calls `recheck` afterwards (see
         `RolloutActor.update_weights`)."""
         directory = Path(handle.location)
@@ -242,14 +257,12 @@ class ShmWeightSync:
     def _write_fresh(
         self, slot: Path, files: list[str], buckets: list[list[str]], state: dict[str, Tensor]
     ) -> None:
-        from safetensors.torch import save_file
-
         self._unmap(str(slot))
         if slot.exists():
             shutil.rmtree(slot)  # a slot of another layout is replaced whole
         slot.mkdir(parents=True)
         for name, names in zip(files, buckets, strict=True):
-            save_file({n: state[n].detach().to("cpu").contiguous() for n in names}, str(slot / name))
+            write_safetensors(slot / name, {n: state[n] for n in names})
 
     def _map(self, path: Path) -> tuple[mmap.mmap, dict[str, numpy.ndarray]]:
         """The writable map of the bucket file at `path` (kept until its slot is written afresh) and
@@ -384,6 +397,36 @@ _SAFETENSORS_DTYPES = {
 _READ_MAPS: dict[str, tuple[int, int, bytes, mmap.mmap, dict[str, Tensor]]] = {}
 
 
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file of `tensors` whose data keeps their order within each element size (wider
+    first, so every tensor stays aligned and the buffer has no holes, as the format requires). The
+    `safetensors` package sorts by name instead; keeping the state's order keeps a layer's q/k/v and
+    gate/up projections adjacent, which lets a vLLM reader serve them as its fused weights in place."""
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: the state's order within
+    header: dict[str, Any] = {}
+    arrays = []
+    offset = 0
+    for name in order:
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        arrays.append(tensor.view(-1).view(torch.uint8).numpy() if nbytes else b"")
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.writelines(arrays)
+
+
 def _safetensors_header(mapped: mmap.mmap) -> tuple[int, dict[str, Any]]:
     """(offset of the data, header) of the safetensors file in `mapped`."""
     header_len = int.from_bytes(mapped[:8], "little")
@@ -413,6 +456,13 @@ def mapped_bucket(path: Path) -> tuple[mmap.mmap, dict[str, Tensor]]:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     base, header = _safetensors_header(mapped)
     views: dict[str, Tensor] = {}
+    with warnings.catch_warnings():  # a read-only buffer: torch warns that writes would fail
+        warnings.simplefilter("ignore", UserWarning)
+        # one storage for the file's data: views of adjacent tensors can be joined (VllmWeightExtension)
+        size = len(mapped) - base
+        data = (
+            torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=base) if size else torch.empty(0)
+        )
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -424,9 +474,9 @@ def mapped_bucket(path: Path) -> tuple[mmap.mmap, dict[str, Tensor]]:
         if end == begin:
             views[name] = torch.empty(shape, dtype=dtype)
             continue
-        with warnings.catch_warnings():  # a read-only buffer: torch warns that writes would fail
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=base + begin)
+        flat = data[begin:end]
+        if begin % dtype.itemsize:  # unaligned (another writer's file): a private copy
+            flat = flat.clone()
         views[name] = flat.view(dtype).view(shape)
     _READ_MAPS[key] = (info.st_ino, info.st_size, bytes(mapped[:base]), mapped, views)
     return mapped, dict(views)

@@ -79,11 +79,12 @@ class RolloutWorker:
             for c in samples
         ]
 
-    def load_weights(self, state: Mapping[str, Tensor], version: int) -> float:
+    def load_weights(self, state: Mapping[str, Tensor], version: int, share: bool = False) -> float:
         """Serve `state` (HF names; already verified by the weight transport) as `version`; returns
-        the seconds the in-place load took."""
+        the seconds the in-place load took. `share`: `state` stays valid until the next load, so the
+        backend may serve its tensors themselves (`GenerationBackend.load_weights`)."""
         start = time.perf_counter()
-        self.backend.load_weights(state.items())
+        self.backend.load_weights(state.items(), share=share)
         self.version = version
         return time.perf_counter() - start
 

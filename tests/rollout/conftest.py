@@ -43,6 +43,14 @@ def with_extra_eos(model_dir: str, token_id: int, out: Path) -> str:
     return str(out)
 
 
+def corrupt_first_bucket(location: str) -> None:
+    """Flip one bit of tensor data in the first bucket file of the `shm` slot at `location`."""
+    bucket = Path(location) / "bucket-0000.safetensors"
+    data = bytearray(bucket.read_bytes())
+    data[-8] ^= 0x01
+    bucket.write_bytes(bytes(data))
+
+
 def perturbed_state(model_dir: str, seed: int = 1, scale: float = 0.3) -> dict[str, torch.Tensor]:
     """The checkpoint's weights plus seeded noise: a 'new version' the learner might publish."""
     from transformers import AutoModelForCausalLM

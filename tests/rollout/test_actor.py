@@ -8,15 +8,19 @@ in file order, and each states the version it expects.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from rollout.config import RolloutConfig
 from rollout.types import Sampling
 from rollout.weight_sync import RayWeightSync, ShmWeightSync, WeightSyncError
 from rollout.worker import RolloutWorker
-from tests.rollout.conftest import make_tasks, perturbed_state, reference_greedy, reference_logprobs
+from tests.rollout.conftest import (
+    corrupt_first_bucket,
+    make_tasks,
+    perturbed_state,
+    reference_greedy,
+    reference_logprobs,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")
@@ -98,11 +102,13 @@ def test_published_weights_are_served_in_place(
     metrics = ray_local.get(actor.update_weights.remote(handle))
     assert metrics["rollout/weight_load_s"] >= 0
     assert metrics["rollout/weight_load_fast"] == 1.0  # on CPU: the in-place path, not reload_weights
-    # the tiny model (hidden 64) gets torch linears under cpu_linear=auto: a load is one copy_ a tensor
+    # the tiny model (hidden 64) gets torch linears under cpu_linear=auto. A shm load serves the
+    # slot's bytes themselves where they are laid out as vLLM's parameters (shared); a ray load (after
+    # the shared one: the parameters get their own memory back first) is one copy_ a tensor
     assert ray_local.get(actor.backend_info.remote()) == {
         "backend": "vllm",
         "cpu_linear": "torch",
-        "load_path": "copy",
+        "load_path": "shared" if transport == "shm" else "copy",
     }
     assert ray_local.get(actor.version.remote()) == version
     for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):
@@ -118,10 +124,7 @@ def test_published_weights_are_served_in_place(
 def test_a_corrupt_bucket_is_refused_and_the_old_version_kept(ray_local, actor, model_dir, tmp_path):
     sync = ShmWeightSync(str(tmp_path), bucket_bytes=2**18)
     handle = sync.publish(perturbed_state(model_dir, seed=3), 3)
-    bucket = Path(handle.location) / "bucket-0000.safetensors"
-    data = bytearray(bucket.read_bytes())
-    data[-8] ^= 0x01
-    bucket.write_bytes(bytes(data))
+    corrupt_first_bucket(handle.location)
     with pytest.raises(WeightSyncError, match=r"weight version 3 from .* fails its checksum"):
         ray_local.get(actor.update_weights.remote(handle))
     assert ray_local.get(actor.version.remote()) == 2  # still serving the last good version
@@ -136,6 +139,27 @@ def test_weights_missing_a_tensor_are_refused_before_the_model_is_touched(
     with pytest.raises(ValueError, match=r"lack 1 tensor\(s\) of the served checkpoint.*up_proj"):
         ray_local.get(actor.update_weights.remote(sync.publish(state, 4)))
     assert ray_local.get(actor.version.remote()) == 2
+    sync.close()
+
+
+def test_a_refused_load_leaves_nothing_served_from_a_slot_the_publisher_reuses(
+    ray_local, actor, model_dir, tmp_path
+):
+    sync = ShmWeightSync(str(tmp_path), bucket_bytes=2**18)  # 2 slots: 0, 1, 0, ...
+    served = perturbed_state(model_dir, seed=20)
+    ray_local.get(actor.update_weights.remote(sync.publish(served, 5)))  # slot 0, served in place
+    assert ray_local.get(actor.backend_info.remote())["load_path"] == "shared"
+    refused = sync.publish(perturbed_state(model_dir, seed=21), 6)  # slot 1, corrupted
+    corrupt_first_bucket(refused.location)
+    with pytest.raises(WeightSyncError, match=r"weight version 6 from .* fails its checksum"):
+        ray_local.get(actor.update_weights.remote(refused))
+    sync.publish(perturbed_state(model_dir, seed=22), 7)  # rewrites slot 0 in place
+    for r in ray_local.get(actor.generate.remote(make_tasks(), 1, GREEDY)):  # still version 5, whole
+        assert r.weight_version == 5
+        assert r.response_ids == reference_greedy(model_dir, r.prompt_ids, 8, served)
+        assert r.rollout_logprobs == pytest.approx(
+            reference_logprobs(model_dir, r.prompt_ids, r.response_ids, served), abs=1e-4
+        )
     sync.close()
 
 

@@ -15,7 +15,7 @@ from rollout.doorbell import Doorbell, DoorbellServer
 from rollout.group import RolloutGroup
 from rollout.types import Sampling
 from rollout.weight_sync import WeightHandle, WeightSyncError
-from tests.rollout.conftest import make_tasks, perturbed_state, reference_logprobs
+from tests.rollout.conftest import corrupt_first_bucket, make_tasks, perturbed_state, reference_logprobs
 
 
 def serve(tmp_path: Path, handler) -> tuple[DoorbellServer, Doorbell]:
@@ -113,10 +113,7 @@ def test_a_group_rings_every_actor_and_a_corrupt_bucket_is_raised_here(ray_local
             assert r.rollout_logprobs == pytest.approx(expected, abs=1e-4)
         assert group.sync is not None
         handle = group.sync.publish(perturbed_state(model_dir, seed=12), 2)
-        bucket = Path(handle.location) / "bucket-0000.safetensors"
-        data = bytearray(bucket.read_bytes())
-        data[-8] ^= 0x01
-        bucket.write_bytes(bytes(data))
+        corrupt_first_bucket(handle.location)
         # what update_weights does after its publish; both actors refuse, and both replies are read
         with pytest.raises(WeightSyncError, match=r"weight version 2 from .* fails its checksum"):
             group._ring_doorbells(handle)
