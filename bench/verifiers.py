@@ -4,8 +4,8 @@
     `math_verify` (`parse` + `verify`) on the cases of `tests/verifiers/math_cases.jsonl`, with each
     side's agreement with the expected labels. Goal: >= 5x math_verify at equal or better agreement.
 (b) Code: HumanEval canonical solutions through the `unit_tests` verifier on a 2-worker pool, sandboxed
-    (`isolation="auto"`: bwrap where it works) next to the same programs unsandboxed
-    (`isolation="none"`, a plain subprocess). Goal: >= 20 sandboxed runs/s.
+    (`isolation="auto"`: bubblewrap) next to the same programs unsandboxed (`UnsandboxedUnitTests`
+    below: `isolation="none"`, a plain subprocess). Goal: >= 20 sandboxed runs/s.
 
     python bench/verifiers.py [--out FILE.json] [--quick]
 
@@ -27,12 +27,34 @@ from pathlib import Path
 from typing import Any
 
 # This file is named like our package: drop its own folder from the path so `verifiers` is the package
-# (imports of it stay inside the functions, after this runs).
+# (imports of it come after this runs).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 REPO = Path(_HERE).parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
+
+# the `verifiers` package (not this file), now that the path is fixed
+from verifiers.sandbox import UNSANDBOXED
+from verifiers.unit_tests import UnitTestVerifier
+
+
+class UnsandboxedUnitTests(UnitTestVerifier):
+    """`unit_tests` with no sandbox at all: the peer that prices isolation, for trusted programs only.
+
+    `none` is deliberately not a config choice (`verifiers.sandbox.resolve_isolation` refuses it), so
+    this bench-only class sets it after building, says so on every build, and the pool loads it by
+    path (`UNSANDBOXED_VERIFIER`).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.isolation = UNSANDBOXED
+        print("bench: unit_tests built with isolation='none': no sandbox at all (HumanEval canonical "
+              "solutions only)", file=sys.stderr)
+
+
+UNSANDBOXED_VERIFIER = "bench.verifiers:UnsandboxedUnitTests"
 
 MATH_CASES = REPO / "tests" / "verifiers" / "math_cases.jsonl"
 
@@ -179,19 +201,20 @@ def bench_humaneval(problems: list[dict[str, Any]], min_s: float) -> list[dict[s
     from verifiers.base import Task
     from verifiers.pool import VerifierPool
 
-    tasks = [
-        Task(p["task_id"], p["prompt"], {"test": p["test"], "entry_point": p["entry_point"], "prompt": p["prompt"]},
-             "unit_tests")
-        for p in problems
-    ]
-    items = [(p["canonical_solution"], t) for p, t in zip(problems, tasks)]
     rows = []
-    for name, isolation in (("sandboxed (isolation=auto)", "auto"), ("unsandboxed (isolation=none)", "none")):
-        with VerifierPool(workers=2, timeout_s=60.0, options={"unit_tests": {"isolation": isolation}}) as pool:
+    for name, verifier in (("sandboxed (isolation=auto)", "unit_tests"),
+                           ("unsandboxed (isolation=none)", UNSANDBOXED_VERIFIER)):
+        items = [
+            (p["canonical_solution"],
+             Task(p["task_id"], p["prompt"], {"test": p["test"], "entry_point": p["entry_point"], "prompt": p["prompt"]},
+                  verifier))
+            for p in problems
+        ]
+        with VerifierPool(workers=2, timeout_s=60.0, options={verifier: {}}) as pool:
             pool.score(items[:4])  # warm-up: workers build the verifier
             results: list[Any] = []
 
-            def one_pass(pool: Any = pool, results: list[Any] = results) -> None:
+            def one_pass(pool: Any = pool, results: list[Any] = results, items: list[Any] = items) -> None:
                 results[:] = pool.score(items)
 
             passes, secs = _timed_passes(one_pass, min_s)

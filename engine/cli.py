@@ -8,6 +8,11 @@
     assay contamination --train TASKS.jsonl --eval EVAL.jsonl [--n 13]   n-gram overlap check
 
 OVERRIDES are Hydra overrides: `experiment=arith_tiny learner.lr=1e-3 cluster.learners=2`.
+`--debug` (anywhere) shows the traceback of an error instead of its one-line message.
+
+Exit codes: 0 done; 1 an error (one line on stderr); 2 a usage or configuration error; 130 / 143
+stopped by SIGINT / SIGTERM after a checkpoint (the line printed says how to continue); `assay verify`
+documents its own.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+from engine import checkpoint, errors, stopping
 from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
 from engine.ray_cluster import set_process_env
-
-if TYPE_CHECKING:
-    from engine.runs import StageResult
+from engine.runs import StageResult, finished, move_aside, stage_dir
+from rollout.weight_sync import remove_orphans
 
 # The demo's stages: (stage, overrides that make it a good default on a 2-core CPU) on top of
 # `experiment=demo`. A short pretraining on worked sums; SFT on clean demonstrations until the model is
@@ -55,6 +60,9 @@ STAGES_BY_EXPERIMENT = {"code_demo": CODE_DEMO_STAGES}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     set_process_env()
     parser = argparse.ArgumentParser(prog="assay", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,11 +78,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     contamination.add_args(sub.add_parser("contamination", help="n-gram overlap of eval items with training tasks"))
     args = parser.parse_args(argv)
+    remove_orphans()  # shared-memory weights and sockets of Assay processes that were SIGKILLed
+    if args.command in ("train", "demo"):
+        stopping.install()
     try:
         return COMMANDS[args.command](args)
+    except stopping.Stopped as stop:
+        print(f"[assay] {_stopped_line(stop, argv)}", file=sys.stderr)
+        _stop_ray()
+        return stop.exit_code
     except ConfigError as err:
+        if debug:
+            raise
         print(f"assay: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if debug:
+            raise
+        print(f"assay: error: {errors.one_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        stopping.uninstall()
+
+
+def _stopped_line(stop: stopping.Stopped, argv: list[str]) -> str:
+    """"stopped at step N; continue with: assay <the same command> resume=true"."""
+    kept = [a for a in argv if not a.startswith(("resume=", "overwrite="))]
+    where = f" (checkpoint {stop.saved})" if stop.saved else ""
+    command = " ".join(["assay", *kept, "resume=true"])
+    return f"stopped at step {stop.step}{where}; continue with: {command}"
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray instance this process started (a stop leaves no actor or raylet behind)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def run_stage(cfg: AssayConfig) -> StageResult:
@@ -82,15 +121,24 @@ def run_stage(cfg: AssayConfig) -> StageResult:
     from engine.rl import run_rl
     from engine.supervised import run_stage as run_supervised
 
+    run_dir = stage_dir(cfg)
+    if cfg.resume and finished(run_dir):  # nothing to resume: say so and hand on the export
+        step = int(checkpoint.read_state(run_dir / "final")["step"])
+        print(f"[assay] {run_dir} finished at step {step} already; nothing to resume")
+        return StageResult(run_dir, run_dir / "final" / "hf", step, {})
     runners = {"pretrain": run_supervised, "sft": run_supervised, "rl": run_rl}
-    return runners[cfg.stage](cfg)
+    result = runners[cfg.stage](cfg)
+    if (signum := stopping.pending()) is not None:  # a signal during the last step: the stage is done
+        raise stopping.Stopped(result.steps, signum, result.export_dir.parent)
+    return result
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = compose_config(list(args.overrides))
     result = run_stage(cfg)
     print(f"[assay] {cfg.stage} done: {result.steps} steps; export {result.export_dir}")
-    print("[assay] " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+    if result.metrics:
+        print("[assay] " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
     return 0
 
 
@@ -101,6 +149,11 @@ def _demo(args: argparse.Namespace) -> int:
     if not any(o.startswith("experiment=") for o in user):
         user.insert(0, "experiment=demo")
     experiment = [o.partition("=")[2] for o in user if o.startswith("experiment=")][-1]
+    first = compose_config([f"stage={DEMO_STAGES[0][0]}", *user])
+    earlier = Path(first.runs_dir) / first.name
+    if not (first.resume or first.overwrite) and earlier.is_dir() and any(earlier.iterdir()):
+        print(f"[assay] demo: moved the earlier demo run aside to {move_aside(earlier)} "
+              "(pass resume=true to continue it instead)")
     results = []
     for stage, defaults in STAGES_BY_EXPERIMENT.get(experiment, DEMO_STAGES):
         cfg = compose_config([*defaults, f"stage={stage}", *user])

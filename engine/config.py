@@ -157,7 +157,11 @@ class AssayConfig:
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (the final export is always kept)."""
     resume: bool = False
-    """Continue from the latest complete checkpoint of this run's stage."""
+    """Continue from the latest complete checkpoint of this run's stage (an error when the stage directory
+    holds files but no loadable checkpoint; a finished stage is left as it is)."""
+    overwrite: bool = False
+    """Start the stage afresh even though its directory holds an earlier run, which is moved aside to
+    `<stage>.old-<time>` (never deleted). Without it such a directory is refused."""
     runs_dir: str = "runs"
     """Where run directories are created."""
     seed: int = 0
@@ -184,7 +188,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 # Fields that must be positive integers.
 POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
-            "rl.prompts_per_step", "rl.verifier_actors", "rl.max_sample_rounds", "learner.batch_size", "learner.micro_batch_size")
+            "rl.prompts_per_step", "rl.verifier_actors", "rl.max_sample_rounds", "learner.batch_size", "learner.micro_batch_size",
+            "verifier.workers")
+# Fields that must be integers >= 0 (0 means "off" or "only at the end").
+NON_NEGATIVE = ("save_every", "eval_every", "verifier.max_tasks_per_worker")
 
 
 def register_configs() -> None:
@@ -223,6 +230,18 @@ def validate(cfg: AssayConfig) -> None:
         value = _lookup(cfg, key)
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key}={value!r} is not allowed; expected a positive integer")
+    for key in NON_NEGATIVE:
+        value = _lookup(cfg, key)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}={value!r} is not allowed; expected an integer >= 0 (0: off)")
+    if not 0.0 <= cfg.verifier.max_infra_error_frac <= 1.0:
+        raise ConfigError(f"verifier.max_infra_error_frac={cfg.verifier.max_infra_error_frac!r} is not allowed; "
+                          "expected a fraction in [0, 1] (1: never stop)")
+    if not cfg.verifier.timeout_s > 0:
+        raise ConfigError(f"verifier.timeout_s={cfg.verifier.timeout_s!r} is not allowed; expected seconds > 0")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true and overwrite=true contradict each other: resume continues the stage's "
+                          "run, overwrite moves it aside and starts afresh; pass one")
     rl_batch = cfg.rl.prompts_per_step * cfg.rollout.n
     if cfg.stage == "rl" and rl_batch % cfg.learner.batch_size:
         raise ConfigError(f"rl.prompts_per_step × rollout.n = {cfg.rl.prompts_per_step} × {cfg.rollout.n} = {rl_batch} "

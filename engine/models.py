@@ -293,3 +293,40 @@ def _reuse(out_dir: Path, wanted: dict[str, dict[str, object]]) -> Path:
             f"{', '.join('model.' + k for k in diff)}); remove it or choose another output directory"
         )
     return out_dir
+
+
+class ModelDirError(ValueError):
+    """A checkpoint directory whose config and weights do not fit together."""
+
+
+def check_weights(model_dir: Path) -> None:
+    """Compare the shape of every tensor in the safetensors files with the model `config.json` implies
+    (built on the meta device: no memory, ~1 s), so a mismatch is one line naming both files before any
+    actor starts instead of a transformers error inside a learner. Checkpoints without safetensors
+    files are not checked."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 -- a config transformers cannot build a model from
+        raise ModelDirError(f"{model_dir / 'config.json'}: cannot build a causal LM from it "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 -- safe_open is no dict
+        except Exception as err:  # noqa: BLE001 -- a truncated or foreign file
+            raise ModelDirError(f"{file}: not a readable safetensors file ({err})") from None
+        for name, shape in found.items():
+            if name in expected and expected[name] != shape:
+                raise ModelDirError(f"{file}: tensor {name} has shape {list(shape)} but {model_dir / 'config.json'} "
+                                    f"implies {list(expected[name])}: the config does not describe these weights")
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # Environment every Ray worker needs: DeepSpeed on the CPU accelerator, one shared JIT cache for
 # its C++ op (so a run pays the ~70 s compile once), vLLM in-process.
@@ -58,7 +59,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": worker_env()}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return
+    else:
+        _init_local(ray, num_cpus, runtime_env)
+    from engine import stopping
+
+    stopping.reinstall()  # ray.init replaced our SIGTERM handler with its own
+
+
+def _init_local(ray: Any, num_cpus: int | None, runtime_env: dict[str, Any]) -> None:
     ray.init(
         address="local",  # always a new instance: never attach to someone else's Ray on this machine
         num_cpus=num_cpus,

@@ -21,30 +21,32 @@ import sys
 import time
 from contextlib import ExitStack, closing
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
+from engine import errors, stopping
 from engine.ahead import Ahead
 from engine.config import AssayConfig
 from engine.metrics import MetricsSink
 from engine.placement import place
 from engine.ray_cluster import init_ray
-from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
-from engine.scoring import score_on_actors, start_verifier_actors
-from engine.tasks import Task, load_task_source
+from engine.runs import StageResult, export_final, finish_step, open_stage, resume, save_step
+from engine.scoring import score_on_actors, start_verifier_actors, step_verifier_metrics
+from engine.tasks import Task
 from learner.algos import ESTIMATORS, informative_groups, kl_k1, overlong_penalty, token_rewards
 from learner.group import LearnerGroup
 from rollout.group import RolloutGroup
 from rollout.types import Response
 from rollout.worker import sampling_from_config
+from verifiers import Verdict
 
 
 def run_rl(cfg: AssayConfig) -> StageResult:
     """Train `cfg.steps` RL steps from the run's latest earlier-stage export (or `model.path`)."""
-    run_dir, resume_from = open_run(cfg)
-    source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
-    model_dir = str(starting_model(cfg, source))
+    stage = open_stage(cfg, verifiers=True)
+    run_dir, resume_from, source, model_dir = stage.run_dir, stage.resume_from, stage.source, str(stage.model_dir)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     metrics: dict[str, float] = {}
     with ExitStack() as cleanup:  # every part started is stopped, in reverse order, whatever happens
@@ -56,7 +58,7 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         rollout = RolloutGroup(cfg.rollout, model_dir, actor_options=placement.rollout_options)
         cleanup.callback(rollout.shutdown)
         placement.record(run_dir, learner.actors, rollout.actors)
-        scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors)
+        scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors, log_path=run_dir / "verifier.log")
         cleanup.callback(lambda: [actor.close.remote() for actor in scorers])
         start = resume(resume_from, learner, source) if resume_from is not None else 0
         if start:  # the rollout actors load the resumed weights
@@ -77,7 +79,9 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         cleanup.callback(ahead.close)
         stream_at: Any = source
         t_end = time.perf_counter()
+        stopping.check(start, lambda: None)  # a signal during start-up: nothing new to save
         for step in range(start, cfg.steps):
+            errors.step_started(step + 1)
             t0 = time.perf_counter()
             responses, rewards, metrics, stream_at = ahead.get(step)  # rewards (P, G)
             t2 = time.perf_counter()
@@ -95,6 +99,9 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             finish_step(step + 1, cfg, metrics, lambda: evaluate(rollout, scorers, eval_tasks, cfg),
                         sink, run_dir, learner, stream_at)
             ahead.finished(step + 1)
+            errors.step_finished()
+            if step + 1 < cfg.steps:
+                stopping.check(step + 1, partial(save_step, run_dir, learner, stream_at, step + 1, cfg.keep_checkpoints))
             t_end = time.perf_counter()
         export = export_final(run_dir, learner, stream_at, cfg.steps)
         finish = getattr(sys.modules[collect_step.__module__], "finish", None)  # a collector's own report
@@ -135,19 +142,24 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
     count whose samples fill whole minibatches (maybe 0: no update this step). The reward metrics are
     the first round's, an unfiltered sample of the policy. A group with a sample from weights more than
     `rl.max_staleness` versions older than step `step` trains (which `Ahead` already prevents) is
-    dropped and counted (`rollout/stale_dropped`)."""
+    dropped and counted (`rollout/stale_dropped`). The verifier counters are all rounds'
+    (`engine.scoring.step_verifier_metrics`: infra errors per verifier, and the run's stop above
+    `verifier.max_infra_error_frac`)."""
     n, want = cfg.rollout.n, cfg.rl.prompts_per_step
     kept: list[tuple[list[Response], torch.Tensor]] = []  # (G responses, (G,) rewards) per kept group
     metrics: dict[str, float] = {"perf/rollout_s": 0.0, "perf/verify_s": 0.0}
     rounds = cfg.rl.max_sample_rounds if cfg.rl.dynamic_sampling else 1
     drawn = informative = 0
+    judged: list[tuple[Task, Verdict]] = []  # every verification of the step, for its verifier counters
     for round_ in range(rounds):
         t0 = time.perf_counter()
         tasks = source.sample(want)
         sampling = sampling_from_config(cfg.rollout, seed=_seed(cfg, step) + round_ * 7_919_000)
         responses = rollout.generate(tasks, n, sampling)
         t1 = time.perf_counter()
-        rewards = shaped(score(scorers, tasks, responses, n), responses, cfg)  # (P, G)
+        scores, verdicts = score(scorers, tasks, responses, n)
+        judged += verdicts
+        rewards = shaped(scores, responses, cfg)  # (P, G)
         observe = getattr(source, "observe", None)  # a source that adapts to the verdicts (a curriculum)
         if observe is not None:
             metrics.update(observe(tasks, rewards))
@@ -166,6 +178,7 @@ def collect(source: Any, rollout: RolloutGroup, scorers: list[Any], cfg: AssayCo
         kept += [(responses[i * n:(i + 1) * n], rewards[i]) for i in range(len(tasks)) if keep[i]]
         if len(kept) >= want:
             break
+    metrics.update(step_verifier_metrics(judged, step + 1, cfg.verifier.max_infra_error_frac))  # may stop the run
     usable = whole_minibatch_groups(min(len(kept), want), n, cfg.learner.batch_size)
     if usable < want:
         print(f"[assay] step {step + 1}: dynamic sampling found {len(kept)} of the {want} groups with mixed rewards "
@@ -204,10 +217,12 @@ def optimizer_steps(cfg: AssayConfig) -> int:
     return cfg.steps * per_step * cfg.learner.ppo_epochs
 
 
-def score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: int) -> torch.Tensor:
-    """Rewards `(prompts, samples)`; NaN where the verifier could not judge. Identical responses to one
-    prompt are verified once: a sharpened policy repeats itself, and a sandboxed verification costs
-    far more than the lookup (a verdict depends only on the text and the task)."""
+def score(scorers: list[Any], tasks: list[Task], responses: list[Response],
+          n: int) -> tuple[torch.Tensor, list[tuple[Task, Verdict]]]:
+    """Rewards `(prompts, samples)`, NaN where the verifier could not judge (an infra error), and the
+    `(task, verdict)` of every verification made. Identical responses to one prompt are verified once:
+    a sharpened policy repeats itself, and a sandboxed verification costs far more than the lookup (a
+    verdict depends only on the text and the task)."""
     items = [(r.text, tasks[i // n]) for i, r in enumerate(responses)]
     assert all(r.task_id == t.id for r, (_, t) in zip(responses, items)), "responses out of task order"
     slot: dict[tuple[int, str], int] = {}  # (prompt index, text) -> index into `unique`
@@ -219,7 +234,8 @@ def score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: i
     verdicts = score_on_actors(scorers, unique)
     scores = [float("nan") if (v := verdicts[slot[(i // n, text)]]).score is None else float(v.score)
               for i, (text, _) in enumerate(items)]
-    return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n)  # (P, G)
+    judged = [(task, verdict) for (_, task), verdict in zip(unique, verdicts)]
+    return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n), judged  # (P, G)
 
 
 def rl_batch(responses: list[Response], rewards: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
@@ -264,9 +280,13 @@ def add_advantages(batch: dict[str, torch.Tensor], rewards: torch.Tensor, cfg: A
 
 
 def rollout_metrics(responses: list[Response], rewards: torch.Tensor) -> dict[str, float]:
-    """Reward and length statistics of one step's samples (`rewards` is `(P, G)`)."""
-    judged = rewards[~torch.isnan(rewards)]
-    solved = torch.nan_to_num(rewards, nan=0.0) >= 1.0  # (P, G)
+    """Reward and length statistics of one step's samples (`rewards` is `(P, G)`). An unjudged sample
+    (NaN) is left out: a group is all solved when every judged sample is, none solved when no judged
+    sample is (a group with none judged is neither)."""
+    unjudged = torch.isnan(rewards)  # (P, G)
+    judged = rewards[~unjudged]
+    solved = rewards >= 1.0  # (P, G), False where NaN
+    any_judged = (~unjudged).any(1)  # (P,)
     lengths = torch.tensor([len(r.response_ids) for r in responses], dtype=torch.float32)
     return {
         "rollout/reward_mean": float(judged.mean()) if judged.numel() else 0.0,
@@ -274,20 +294,31 @@ def rollout_metrics(responses: list[Response], rewards: torch.Tensor) -> dict[st
         "rollout/response_len": float(lengths.mean()),
         "rollout/truncated_frac": sum(r.finish_reason == "length" for r in responses) / len(responses),
         "verifier/dropped_frac": float(torch.isnan(rewards).float().mean()),
-        "task/all_solved_frac": float(solved.all(1).float().mean()),
-        "task/none_solved_frac": float((~solved).all(1).float().mean()),
+        "task/all_solved_frac": float(((solved | unjudged).all(1) & any_judged).float().mean()),
+        "task/none_solved_frac": float(((~solved).all(1) & any_judged).float().mean()),
     }
 
 
 def evaluate(rollout: RolloutGroup, scorers: list[Any], tasks: list[Task], cfg: AssayConfig) -> dict[str, float]:
     """On the fixed eval set: greedy exact match (`eval/accuracy`, as the supervised stages report it),
-    pass@1 (the mean score of G samples at the rollout temperature) and pass@G (any sample solved)."""
+    pass@1 (the mean score of G samples at the rollout temperature) and pass@G (any sample solved).
+    Samples the verifier could not judge (infra errors) are left out of each, never counted as 0;
+    `eval/infra_error_frac` is their share."""
     n = cfg.rollout.n
     sampling = sampling_from_config(cfg.rollout, seed=cfg.seed + 7919)
-    greedy = torch.nan_to_num(score(scorers, tasks, rollout.generate(tasks, 1, replace(sampling, temperature=0.0)), 1))
-    rewards = torch.nan_to_num(score(scorers, tasks, rollout.generate(tasks, n, sampling), n), nan=0.0)  # (P, G)
-    return {"eval/accuracy": float((greedy >= 1.0).float().mean()), "eval/pass@1": float(rewards.mean()),
-            "eval/pass@G": float((rewards >= 1.0).any(1).float().mean()), "eval/G": float(n)}
+    greedy, _ = score(scorers, tasks, rollout.generate(tasks, 1, replace(sampling, temperature=0.0)), 1)  # (P, 1)
+    rewards, _ = score(scorers, tasks, rollout.generate(tasks, n, sampling), n)  # (P, G)
+    solved = (rewards >= 1.0).any(1).float().masked_fill(torch.isnan(rewards).all(1), float("nan"))  # (P,)
+    unjudged = torch.cat([torch.isnan(greedy).flatten(), torch.isnan(rewards).flatten()])
+    return {"eval/accuracy": _judged_mean((greedy >= 1.0).float().masked_fill(torch.isnan(greedy), float("nan"))),
+            "eval/pass@1": _judged_mean(rewards), "eval/pass@G": _judged_mean(solved), "eval/G": float(n),
+            "eval/infra_error_frac": float(unjudged.float().mean())}
+
+
+def _judged_mean(values: torch.Tensor) -> float:
+    """The mean of the non-NaN entries (0.0 when there are none)."""
+    judged = values[~torch.isnan(values)]
+    return float(judged.mean()) if judged.numel() else 0.0
 
 
 def _seed(cfg: AssayConfig, step: int) -> int:

@@ -8,16 +8,17 @@ and the driver RNG) and `final/` (the same plus `final/hf`, the HF export later 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import checkpoint
+from engine import checkpoint, errors
 from engine.config import AssayConfig, to_yaml
 from engine.metrics import MetricsSink
-from engine.models import prepare_model_dir
-from engine.tasks import TaskSource
+from engine.models import check_weights, prepare_model_dir
+from engine.tasks import TaskSource, load_task_source
 
 # Where a stage starts from when `model.path` is unset: the newest export of an earlier stage of the
 # same run, in this order, else a freshly built tiny model.
@@ -32,17 +33,132 @@ class StageResult:
     metrics: dict[str, float]
 
 
+class RunDirError(RuntimeError):
+    """A stage directory that holds a user's work and would be overwritten; the message says what to pass."""
+
+
+# What a run writes into its stage directory before it has anything worth keeping; a directory holding
+# only these (no `final/`, no complete checkpoint) is a run that stopped before its first save.
+_RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "tb", "placement.json", "checkpoints", "verifier.log",
+                        "third_party.log"})
+
+
+def stage_dir(cfg: AssayConfig) -> Path:
+    """`runs_dir/<name>/<stage_dir or stage>`: where the stage writes."""
+    return Path(cfg.runs_dir) / cfg.name / (cfg.stage_dir or cfg.stage)
+
+
+def finished(run_dir: Path) -> bool:
+    """True when the stage wrote its final export (`final/` is renamed into place only when complete)."""
+    return (run_dir / "final" / checkpoint.STATE_FILE).is_file()
+
+
 def open_run(cfg: AssayConfig) -> tuple[Path, Path | None]:
-    """Create (or, resuming, reuse) the stage's run directory; return it and the checkpoint to resume."""
-    run_dir = Path(cfg.runs_dir) / cfg.name / (cfg.stage_dir or cfg.stage)
-    resume_from = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        print(f"[assay] resume=true but {run_dir / 'checkpoints'} has no complete checkpoint: starting fresh")
+    """Create (or, resuming, reuse) the stage's run directory; return it and the checkpoint to resume.
+
+    Call it only after every input is checked: it is the first write. Nothing a user has is deleted: a
+    directory with a final export or checkpoints is resumed (`resume=true`), moved aside
+    (`overwrite=true`, to `<stage>.old-<time>`) or refused with a message saying which to pass.
+    """
+    run_dir = stage_dir(cfg)
+    resume_from = checkpoint.latest_loadable(run_dir / "checkpoints") if cfg.resume else None
     if resume_from is None and run_dir.exists():
-        shutil.rmtree(run_dir)
+        _clear_for_fresh_start(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir, resume_from
+
+
+def _clear_for_fresh_start(run_dir: Path, cfg: AssayConfig) -> None:
+    """Make room for a fresh run in `run_dir`, which exists: move it aside, or refuse, or (when it holds
+    only the files of a run that stopped before saving anything) clear those files."""
+    entries = {p.name for p in run_dir.iterdir()}
+    valuable = finished(run_dir) or checkpoint.latest(run_dir / "checkpoints") is not None
+    if cfg.overwrite and entries:
+        aside = move_aside(run_dir)
+        print(f"[assay] overwrite=true: moved the earlier {run_dir} aside to {aside}")
+        return
+    if cfg.resume and valuable:
+        raise RunDirError(f"resume=true but {run_dir / 'checkpoints'} has no loadable checkpoint "
+                          f"({'the stage finished: final/ holds its export' if finished(run_dir) else 'every one is damaged'}); "
+                          "pass another name= or stage_dir=, or overwrite=true to move the old run aside")
+    if valuable or entries - _RUN_FILES:
+        what = "a finished run (final/)" if finished(run_dir) else (
+            "checkpoints" if valuable else f"files Assay did not write ({', '.join(sorted(entries - _RUN_FILES))})")
+        resume_hint = "" if finished(run_dir) or not valuable else "resume=true to continue it, "
+        raise RunDirError(f"{run_dir} already holds {what}: pass {resume_hint}another name= or stage_dir= to keep "
+                          "it, or overwrite=true to move it aside")
+    if cfg.resume:
+        print(f"[assay] resume=true: {run_dir} has no checkpoint yet; starting the stage from step 0")
+    for name in entries:  # only what an earlier attempt wrote before its first checkpoint
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to `<path>.old-<UTC time>` (never deleting it); return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    path.rename(aside)
+    return aside
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage whose inputs were all checked, and its run directory (opened last)."""
+
+    run_dir: Path
+    resume_from: Path | None
+    source: TaskSource
+    model_dir: Path
+
+
+def open_stage(cfg: AssayConfig, verifiers: bool = False) -> Stage:
+    """Check every input — the task source (its files), the starting model (config against weights) and,
+    with `verifiers`, that each verifier the held-out tasks name can be built — and only then open the run
+    directory, so a typo costs nothing already written."""
+    source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
+    model_dir = starting_model(cfg, source)
+    check_weights(model_dir)
+    if verifiers and cfg.verifier.endpoint:  # the service builds the verifiers: it must answer
+        check_endpoint(cfg.verifier.endpoint, cfg.verifier.timeout_s)
+    elif verifiers:
+        check_verifiers({t.verifier for t in source.eval_tasks(cfg.task.eval_size)}, cfg.verifier.options)
+    run_dir, resume_from = open_run(cfg)
+    return Stage(run_dir, resume_from, source, model_dir)
+
+
+def check_verifiers(names: set[str], options: dict[str, dict[str, Any]]) -> None:
+    """Build each verifier once here, so an unknown name, a bad option or a missing sandbox stops the run
+    before anything starts (the pool's workers build their own copies)."""
+    from verifiers import registry
+
+    for name in sorted(names):
+        try:
+            registry.load(name, **options.get(name, {}))
+        except Exception as err:
+            raise VerifierSetupError(f"verifier {name!r} cannot be built: {type(err).__name__}: {err}") from err
+
+
+def check_endpoint(endpoint: str, timeout_s: float) -> None:
+    """The verifier service at `endpoint` answers its health call, else one line naming it."""
+    from verifiers.service import RemoteVerifierPool
+
+    client = RemoteVerifierPool(endpoint, timeout_s)
+    try:
+        client.health()
+    except Exception as err:  # noqa: BLE001 -- refused, unreachable, or not a verifier service
+        raise VerifierSetupError(f"verifier.endpoint={endpoint}: {errors.one_line(err)}") from None
+    finally:
+        client.close()
+
+
+class VerifierSetupError(RuntimeError):
+    """A verifier named by the tasks or the config that cannot be built."""
 
 
 def starting_model(cfg: AssayConfig, source: TaskSource) -> Path:
@@ -65,7 +181,13 @@ def starting_model(cfg: AssayConfig, source: TaskSource) -> Path:
 def resume(resume_from: Path, learner: Any, source: TaskSource) -> int:
     """Restore the learner, the task stream and the driver RNG; return the step to continue from."""
     state = checkpoint.read_state(resume_from)
-    learner.load(str(resume_from / "learner"))
+    try:
+        learner.load(str(resume_from / "learner"))
+    except Exception as err:  # a raw torch/DeepSpeed error names neither the checkpoint nor the file
+        cause = getattr(err, "cause", None) or err  # a Ray task error wraps the actor's exception
+        text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise checkpoint.CheckpointError(f"cannot load checkpoint {resume_from / 'learner'}: "
+                                         f"{type(cause).__name__}: {text}") from err
     source.load_state_dict(state["task_source"])
     checkpoint.set_rng_state(state["rng"])
     print(f"[assay] resumed from {resume_from} (step {state['step']})")

@@ -6,10 +6,17 @@ thin. `score_on_actors` spreads a batch over several actors and returns verdicts
 
 The actors reserve no Ray CPUs (`num_cpus=0`): their process workers are outside Ray's accounting,
 and reserving `verifier.workers` CPUs would leave a 2-core machine unable to place a learner.
+
+Verifier failures (DESIGN.md §3): a verdict whose outcome is `infra_error` has no score, so the loss
+and the group statistics leave it out; `step_verifier_metrics` counts a step's infra errors per
+verifier, warns on the console when there are any, and stops the run (`VerifierInfraError`) when
+their share passes `verifier.max_infra_error_frac`. What the verifiers print goes to `log_path`.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from typing import Any
 
 import ray
@@ -17,21 +24,37 @@ import ray
 from verifiers import Task, Verdict
 from verifiers.config import VerifierConfig
 from verifiers.pool import VerifierPool
+from verifiers.registry import display_name
+
+# `Verdict.error` -> the per-step counters `verifier/<name>/...` it adds one to besides `infra_errors`
+# (a timed-out or crashed item also cost its worker, which the pool replaced).
+ERROR_COUNTERS: dict[str, tuple[str, ...]] = {
+    "timeout": ("timeouts", "restarts"),
+    "crash": ("crashes", "restarts"),
+    "lost": ("crashes",),
+}
+STEP_COUNTERS = ("infra_errors", "timeouts", "crashes", "restarts")
 
 
-def build_pool(cfg: VerifierConfig) -> Any:
-    """A local process pool, or a client of the gRPC service at `cfg.endpoint`; both score/metrics/close."""
+class VerifierInfraError(RuntimeError):
+    """Too many of one step's verifications failed in the verifier itself: the run stops."""
+
+
+def build_pool(cfg: VerifierConfig, log_path: str | os.PathLike[str] | None = None) -> Any:
+    """A local process pool, or a client of the gRPC service at `cfg.endpoint`; both score/metrics/close.
+    `log_path` receives the local workers' captured output (a service logs its own: `--log`)."""
     if cfg.endpoint:
         from verifiers.service import RemoteVerifierPool
 
         return RemoteVerifierPool(cfg.endpoint, cfg.timeout_s, cfg.call_timeout_s)
-    return VerifierPool(cfg.workers, cfg.timeout_s, dict(cfg.options), cfg.max_tasks_per_worker, cfg.build_timeout_s)
+    return VerifierPool(cfg.workers, cfg.timeout_s, dict(cfg.options), cfg.max_tasks_per_worker, cfg.build_timeout_s,
+                        log_path=log_path)
 
 
 @ray.remote(num_cpus=0)
 class VerifierPoolActor:
-    def __init__(self, cfg: VerifierConfig) -> None:
-        self.pool = build_pool(cfg)
+    def __init__(self, cfg: VerifierConfig, log_path: str | None = None) -> None:
+        self.pool = build_pool(cfg, log_path)
 
     def score(self, items: list[tuple[str, Task]]) -> list[Verdict]:
         return self.pool.score(items)
@@ -43,9 +66,12 @@ class VerifierPoolActor:
         self.pool.close()
 
 
-def start_verifier_actors(cfg: VerifierConfig, count: int = 1) -> list[Any]:
-    """`count` pool actors, each with its own `cfg.workers` process workers."""
-    return [VerifierPoolActor.remote(cfg) for _ in range(count)]  # type: ignore[attr-defined]
+def start_verifier_actors(cfg: VerifierConfig, count: int = 1,
+                          log_path: str | os.PathLike[str] | None = None) -> list[Any]:
+    """`count` pool actors, each with its own `cfg.workers` process workers; all of them append what
+    their verifiers print to `log_path` (the run directory's `verifier.log`), one block per item."""
+    path = os.fspath(log_path) if log_path is not None else None
+    return [VerifierPoolActor.remote(cfg, path) for _ in range(count)]  # type: ignore[attr-defined]
 
 
 def score_on_actors(actors: list[Any], items: list[tuple[str, Task]]) -> list[Verdict]:
@@ -56,3 +82,36 @@ def score_on_actors(actors: list[Any], items: list[tuple[str, Task]]) -> list[Ve
     shards = [items[i:i + size] for i in range(0, len(items), size)]
     results = ray.get([actor.score.remote(shard) for actor, shard in zip(actors, shards)])
     return [verdict for shard in results for verdict in shard]
+
+
+def step_verifier_metrics(judged: list[tuple[Task, Verdict]], step: int, max_infra_error_frac: float) -> dict[str, float]:
+    """One step's verifier counters from its `(task, verdict)` pairs: `verifier/<name>/{infra_errors,
+    timeouts, crashes, restarts}` for every verifier used and `verifier/infra_error_frac` over all.
+
+    Prints one `[assay]` warning when the step had any infra error (they are left out of the loss, so
+    without it a broken verifier only shows as a smaller batch), and raises VerifierInfraError, naming
+    the verifier with the most and its most common reason, when their share is above
+    `max_infra_error_frac`."""
+    metrics: dict[str, float] = {}
+    failed: dict[str, list[Verdict]] = {}
+    for task, verdict in judged:
+        prefix = f"verifier/{display_name(task.verifier)}/"
+        for counter in STEP_COUNTERS:
+            metrics.setdefault(prefix + counter, 0.0)
+        if verdict.outcome == "infra_error":
+            failed.setdefault(display_name(task.verifier), []).append(verdict)
+            for counter in ("infra_errors", *ERROR_COUNTERS.get(verdict.error, ())):
+                metrics[prefix + counter] += 1.0
+    errors = sum(len(v) for v in failed.values())
+    metrics["verifier/infra_error_frac"] = errors / len(judged) if judged else 0.0
+    if not errors:
+        return metrics
+    name = max(failed, key=lambda k: len(failed[k]))
+    (kind, reason), times = Counter((v.error, v.reason.split("\n", 1)[0][:200]) for v in failed[name]).most_common(1)[0]
+    line = (f"step {step}: {errors} of {len(judged)} verifications were infra errors (scored None, left out of "
+            f"the loss); verifier {name!r}: {len(failed[name])}, most often {kind} ({times}x): {reason}")
+    if metrics["verifier/infra_error_frac"] > max_infra_error_frac:
+        raise VerifierInfraError(f"{line}; that is above verifier.max_infra_error_frac={max_infra_error_frac}, "
+                                 f"so the run stops (the verifiers' output is in the run's verifier.log)")
+    print(f"[assay] warning: {line}; counted in verifier/<name>/infra_errors", flush=True)
+    return metrics

@@ -52,6 +52,7 @@ import torch
 from engine.config import AssayConfig
 from engine.contamination import flag_contaminated
 from engine.rl import _seed, rollout_metrics, score, shaped, whole_minibatch_groups
+from engine.scoring import step_verifier_metrics
 from engine.tasks.base import TaskConfig
 from engine.tasks.code_reasoning import ENTRY_POINT, CodeReasoningSource, deduction_prompt
 from rollout.types import Response
@@ -283,7 +284,7 @@ def collect(source: Any, rollout: Any, scorers: list[Any], cfg: AssayConfig,
     solver_tasks = [task.task(f"selfplay-solve-{step}-{j}") for j, task in enumerate([t for _, t in fresh] + replays)]
     answers = rollout.generate(solver_tasks, n, sampling_from_config(cfg.rollout, seed=_seed(cfg, step) + 7_919_000))
     t3 = time.perf_counter()
-    solved = score(scorers, solver_tasks, answers, n)  # (S, G), NaN: not judged
+    solved, judged = score(scorers, solver_tasks, answers, n)  # (S, G), NaN: not judged (an infra error)
     rates = solved.nanmean(1)  # (S,)
     proposer = torch.full((len(proposals),), sp.invalid_reward)  # (P_prop * G,)
     for j, (i, _) in enumerate(fresh):
@@ -294,6 +295,7 @@ def collect(source: Any, rollout: Any, scorers: list[Any], cfg: AssayConfig,
                        len(prompts))
     metrics.update({"perf/rollout_s": (t1 - t0) + (t3 - t2), "perf/selfplay_check_s": t2 - t1,
                     "perf/verify_s": time.perf_counter() - t3})
+    metrics.update(step_verifier_metrics(judged, step + 1, cfg.verifier.max_infra_error_frac))  # may stop the run
 
     usable = whole_minibatch_groups(min(len(prompts) + len(solver_tasks), cfg.rl.prompts_per_step), n,
                                     cfg.learner.batch_size)

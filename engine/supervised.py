@@ -14,26 +14,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine import errors, stopping
 from engine.config import AssayConfig
 from engine.data import encode_response, pack_pretrain, sft_batch
 from engine.evaluate import heldout_accuracy
 from engine.metrics import MetricsSink
 from engine.ray_cluster import init_ray
-from engine.runs import StageResult, export_final, finish_step, open_run, resume, starting_model
-from engine.tasks import TaskSource, load_task_source
+from engine.runs import StageResult, export_final, finish_step, open_stage, resume, save_step
+from engine.tasks import TaskSource
 from learner.group import LearnerGroup
 
 
 def run_stage(cfg: AssayConfig) -> StageResult:
     """Train one supervised stage to `cfg.steps`, resuming from the latest checkpoint if asked."""
-    run_dir, resume_from = open_run(cfg)
-    source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
-    model_dir = starting_model(cfg, source)
+    stage = open_stage(cfg)
+    run_dir, resume_from, source, model_dir = stage.run_dir, stage.resume_from, stage.source, stage.model_dir
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -46,7 +47,9 @@ def run_stage(cfg: AssayConfig) -> StageResult:
     metrics: dict[str, float] = {}
     done = start
     try:
+        stopping.check(done, lambda: None)  # a signal during start-up: nothing new to save
         while done < cfg.steps and not reached(metrics, cfg.stop_at_accuracy):
+            errors.step_started(done + 1)
             t0 = time.perf_counter()
             batch = next_batch(source, tokenizer, cfg)
             metrics = group.train_step(batch)
@@ -54,6 +57,9 @@ def run_stage(cfg: AssayConfig) -> StageResult:
             done += 1
             finish_step(done, cfg, metrics, lambda: _evaluate(group, model_dir, tokenizer, source, cfg),
                         sink, run_dir, group, source)
+            errors.step_finished()
+            if done < cfg.steps:
+                stopping.check(done, partial(save_step, run_dir, group, source, done, cfg.keep_checkpoints))
         if done < cfg.steps:
             print(f"[assay] {cfg.stage}: held-out accuracy {metrics['eval/accuracy']:.3f} reached "
                   f"stop_at_accuracy={cfg.stop_at_accuracy} at step {done}; stopping early")

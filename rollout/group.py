@@ -8,6 +8,7 @@ split does not change what is sampled.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from rollout.broadcast import BroadcastPublisher, free_port
 from rollout.config import RolloutConfig
 from rollout.doorbell import Doorbell
 from rollout.types import Response, Sampling
-from rollout.weight_sync import WeightHandle, WeightSync, make_weight_sync
+from rollout.weight_sync import WeightHandle, WeightSync, make_weight_sync, remove_orphans
 from verifiers.base import Task
 
 
@@ -71,6 +72,7 @@ class RolloutGroup:
         if cfg.weight_sync == "nccl":
             self.publisher = self._join_broadcast()
         else:
+            remove_orphans(cfg.shm_dir)  # what SIGKILLed runs left in this run's shm_dir
             self.sync = make_weight_sync(cfg)
         if cfg.weight_sync == "shm" and cfg.weight_notify == "socket":
             self.doorbells = self._open_doorbells()
@@ -78,7 +80,7 @@ class RolloutGroup:
     def _open_doorbells(self) -> list[Doorbell]:
         """One UNIX socket per actor (`rollout.doorbell`), in a short-named directory of this node's
         temp dir (a socket path must stay under ~100 bytes), removed by `shutdown`."""
-        self._doorbell_dir = tempfile.mkdtemp(prefix="assay-bell-")
+        self._doorbell_dir = tempfile.mkdtemp(prefix=f"assay-bell-{os.getpid()}-")  # owner pid: see remove_orphans
         paths = ray.get(
             [
                 actor.open_doorbell.remote(f"{self._doorbell_dir}/{rank}.sock")

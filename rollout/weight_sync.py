@@ -506,3 +506,36 @@ def copy_one_thread(dst: Tensor, src: Tensor) -> None:
 
 def _nbytes(state: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+# Per-process files that outlive a SIGKILLed driver are named `<prefix><owner pid>-<suffix>`.
+def remove_orphans(shm_dir: str = "/dev/shm") -> list[Path]:
+    """Remove the shared-memory weight slots (in `shm_dir`) and doorbell socket directories (in the temp
+    dir) whose owner process is dead: a driver killed with SIGKILL never reaches its clean-up, and two
+    full weight copies stay in `/dev/shm`. The `assay` command calls it at every start, and a
+    `RolloutGroup` for its own `rollout.shm_dir`; returns what it removed."""
+    import tempfile
+
+    removed = []
+    for prefix, base in (("assay-weights-", Path(shm_dir)), ("assay-bell-", Path(tempfile.gettempdir()))):
+        try:
+            entries = [p for p in base.iterdir() if p.name.startswith(prefix)]
+        except OSError:
+            continue
+        for path in entries:
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+

@@ -4,9 +4,19 @@
 makes the module usable on its own (`python -m verifiers.cli verify ...`).
 
 `verify` reads `{"response": ..., "reference": ...}` lines (optional `id`, `prompt`, `meta`), writes
-each line back with `score` and `reason` added, and prints a one-line JSON summary to stderr, so
-stdout stays pure JSONL. Every line is checked before any scoring; a bad one exits with code 2 and
-names the file and line.
+each line back with `score`, `reason` and `outcome` added (`pass`, `fail`, or `infra_error` with an
+`error` kind and a None score: the verifier itself failed, see `verifiers.base.INFRA_ERRORS`), and
+prints a one-line JSON summary to stderr. Every line, the verifier name and every `--option` (against
+the verifier's constructor) are checked before any scoring.
+
+Stdout stays pure JSONL: what the verifier prints, in its worker processes, is captured by the pool
+(the tail of each item's output ends its `reason`) and appended to the `--log` file, by default
+`<output>.log` next to `--output`, else `assay-verify.log` in the current directory; the file is
+created only when a verifier printed something.
+
+Exit codes: 0 every item was judged; 2 a usage or input error (a bad line, unknown verifier or
+option; the message names it, nothing is scored); 3 some items were infra errors (every line is
+still written; the summary counts them).
 """
 
 from __future__ import annotations
@@ -16,13 +26,17 @@ import json
 import signal
 import sys
 import threading
+from collections import Counter
+from contextlib import redirect_stdout
 from typing import Any
 
-from verifiers.base import Task
-from verifiers.pool import VerifierPool
-from verifiers.registry import UnknownVerifierError, resolve
+from verifiers.base import Task, Verdict
+from verifiers.pool import VerifierPool, check_options
+from verifiers.registry import UnknownVerifierError
 
 EXIT_USAGE = 2
+EXIT_INFRA_ERRORS = 3  # some items could not be judged: the verifier itself failed on them
+DEFAULT_LOG = "assay-verify.log"
 
 
 class InputError(ValueError):
@@ -39,6 +53,8 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="process workers")
     parser.add_argument("--timeout", type=float, default=10.0, help="hard limit per response, seconds")
+    parser.add_argument("--log", default=None, metavar="FILE",
+                        help=f"where the verifier's captured output goes (default: OUTPUT.log, or {DEFAULT_LOG})")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +67,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="constructor option for one verifier, e.g. unit_tests.memory_mb=1024; repeatable",
     )
     parser.add_argument("--max-tasks-per-worker", type=int, default=0, help="recycle a worker after N items")
+    parser.add_argument("--log", default=None, metavar="FILE",
+                        help="append the verifiers' captured output here (default: it is only kept in reasons)")
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -93,32 +111,46 @@ def read_items(path: str, verifier: str) -> tuple[list[dict[str, Any]], list[tup
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    try:
-        options = dict(parse_option(o) for o in args.option)
-        if args.workers < 1 or args.timeout <= 0:
-            raise ValueError(f"--workers must be >= 1 and --timeout > 0, got {args.workers} and {args.timeout}")
-        resolve(args.verifier)
-        records, items = read_items(args.input, args.verifier)
-    except (InputError, ValueError, UnknownVerifierError, OSError) as exc:
-        print(f"assay verify: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    with VerifierPool(args.workers, args.timeout, options={args.verifier: options}) as pool:
-        verdicts = pool.score(items)
-    lines = [json.dumps({**rec, "score": v.score, "reason": v.reason}) + "\n" for rec, v in zip(records, verdicts)]
+    with redirect_stdout(sys.stderr):  # a verifier module that prints on import cannot reach the JSONL
+        try:
+            options = dict(parse_option(o) for o in args.option)
+            if args.workers < 1 or args.timeout <= 0:
+                raise ValueError(f"--workers must be >= 1 and --timeout > 0, got {args.workers} and {args.timeout}")
+            check_options(args.verifier, options)
+            records, items = read_items(args.input, args.verifier)
+        except (InputError, ValueError, UnknownVerifierError, OSError) as exc:
+            print(f"assay verify: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        log = args.log or (f"{args.output}.log" if args.output else DEFAULT_LOG)
+        with VerifierPool(args.workers, args.timeout, options={args.verifier: options}, log_path=log) as pool:
+            verdicts = pool.score(items)
+    lines = [json.dumps({**rec, **_fields(v)}) + "\n" for rec, v in zip(records, verdicts)]
     if args.output:
         with open(args.output, "w", encoding="utf-8") as out:
             out.writelines(lines)
     else:
         sys.stdout.writelines(lines)
+    print(json.dumps({"summary": summary(verdicts)}), file=sys.stderr)
+    return EXIT_INFRA_ERRORS if any(v.outcome == "infra_error" for v in verdicts) else 0
+
+
+def _fields(v: Verdict) -> dict[str, Any]:
+    """What one output line adds to its input record."""
+    return {"score": v.score, "reason": v.reason, "outcome": v.outcome, **({"error": v.error} if v.error else {})}
+
+
+def summary(verdicts: list[Verdict]) -> dict[str, Any]:
+    """Counts by outcome, the mean of the judged scores, and the infra errors by kind."""
+    outcomes = Counter(v.outcome for v in verdicts)
     scores = [v.score for v in verdicts if v.score is not None]
-    summary = {
+    errors = Counter(v.error for v in verdicts if v.error)
+    return {
         "count": len(verdicts),
         "mean_score": sum(scores) / len(scores) if scores else 0.0,
-        "timeouts": sum(v.reason == "timeout" for v in verdicts),
-        "errors": sum(v.reason.startswith("verifier error") for v in verdicts),
+        "pass": outcomes["pass"], "fail": outcomes["fail"], "infra_error": outcomes["infra_error"],
+        "timeouts": errors["timeout"],
+        "errors": dict(sorted(errors.items())),
     }
-    print(json.dumps({"summary": summary}), file=sys.stderr)
-    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -132,7 +164,8 @@ def run_serve(args: argparse.Namespace) -> int:
             if not dot or not name:
                 raise ValueError(f"--option {text!r}: expected VERIFIER.KEY=VALUE")
             options.setdefault(name, {})[field] = value
-        pool = VerifierPool(args.workers, args.timeout, options, max_tasks_per_worker=args.max_tasks_per_worker)
+        pool = VerifierPool(args.workers, args.timeout, options, max_tasks_per_worker=args.max_tasks_per_worker,
+                            log_path=args.log)
     except (ValueError, UnknownVerifierError) as exc:
         print(f"assay serve-verifiers: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,8 +18,8 @@ class VerifierConfig:
     """Process workers in the local pool (each builds its verifiers once and reuses them)."""
 
     timeout_s: float = 10.0
-    """Hard wall-clock limit per verification; past it the worker is killed and the verdict is
-    `Verdict(0.0, "timeout")`."""
+    """Hard wall-clock limit per verification; past it the worker is killed and replaced, and the item
+    is a `timeout` infra error (score None: left out of the loss, counted, never a 0)."""
 
     endpoint: str | None = None
     """`HOST:PORT` of a gRPC verifier service; when set, scoring goes there instead of a local pool."""
@@ -35,3 +35,8 @@ class VerifierConfig:
 
     call_timeout_s: float | None = None
     """Deadline of one batched gRPC call; None = `timeout_s * items + 30` (the serial worst case)."""
+
+    max_infra_error_frac: float = 0.5
+    """Stop the run when more than this share of one RL step's verifications are infra errors (the
+    verifier raised, timed out, crashed, could not be built, or returned a non-finite or out-of-range
+    score): past it the rewards say more about the verifier than the policy. 1.0 never stops."""

@@ -1,52 +1,59 @@
 """Run untrusted Python (model output) in a throwaway sandbox and report what it did.
 
 Every run is a fresh `python -I` of the *base* interpreter (`sys._base_executable`: programs get
-the stdlib, never the venv's packages) started through one of three isolation modes:
+the stdlib, never the venv's packages) inside bubblewrap (`bwrap`): new pid, net, ipc, uts and mount
+namespaces; the new root holds only read-only binds of `/usr` (plus the `/bin`, `/lib*` links) and the
+interpreter prefix, a size-capped tmpfs `/tmp` as the working directory, a minimal private `/dev` and
+a fresh `/proc`. The files of a run (the program, a harness) are written to a per-run host temp dir
+that is bound read-only at `/assay` and removed afterwards.
 
-- `bwrap` (the default where bubblewrap works): new pid, net, ipc, uts and mount namespaces; the new
-  root holds only read-only binds of `/usr` (plus the `/bin`, `/lib*` links) and the interpreter
-  prefix, a size-capped tmpfs `/tmp` as the working directory, a minimal `/dev` and a fresh `/proc`.
-  The files of a run (the program, a harness) are written to a per-run host temp dir that is bound
-  read-only at `/assay` and removed afterwards.
-- `unshare` (fallback where bwrap is missing or broken): `unshare --user --net --pid --fork
-  --mount-proc --kill-child`; same process/network isolation and limits, but NO filesystem view of
-  its own (see below). Run by root, the program runs as host uid 65534, so the interpreter must be
-  reachable by it: a pyenv under `/root` is not, and then the system `/usr/bin/python3` is used.
+The sandbox never degrades in silence. bwrap is the only isolation a verifier, task source or tool
+can be configured with (`isolation: auto | bwrap`; `auto` means bwrap and nothing weaker), because it
+is the only mode that holds the whole attack battery (`tests/verifiers/test_sandbox.py`) when host
+directories are world-writable, i.e. when nothing but the sandbox stands in the way. Where bwrap is
+missing or does not work, `resolve_isolation` raises `SandboxUnavailable` with one line naming what
+is missing and how to get it (`apt-get install bubblewrap`, or `make install`, which does it); the
+verifiers call it when they are built, so a pool reports it as the verifier's build failure. Two
+modes are deliberately not offered:
+- `unshare` (a former fallback: `unshare --user --net --pid`) kept the host filesystem visible and
+  writable as uid 65534: a program wrote, created and read files in any host directory whose
+  permissions allowed it. Making it hold the battery means re-implementing bwrap's private root
+  (mount namespace, pivot_root, read-only binds) in shell, so it was removed; configs naming it get
+  a `ValueError` that says so.
 - `none`: a plain `subprocess` of `python -I` with the same wall clock and output cap and nothing
-  else. It exists only to measure the price of isolation (`bench/verifiers.py`); never use it for
-  model output.
+  else. It exists only to measure the price of isolation (`bench/verifiers.py`): `run_files` and
+  `run_python` accept it, `resolve_isolation` (the config path of every verifier and task source)
+  refuses it.
 
-In the sandboxed modes the program runs as uid 65534 with these rlimits (set by `prlimit` right
-before the interpreter starts): address space, CPU seconds, processes, file size, open files, no
-core dumps. Running as root needs care, measured on this kernel (6.18): `RLIMIT_NPROC` is never
-enforced for kernel uid 0, and `bwrap --unshare-user --uid 65534` started by root still runs the
-program as kernel uid 0 (a 40-process limit let a fork loop make 200 processes). So when we are
-root, bwrap runs without a user namespace, keeps only CAP_SETUID/CAP_SETGID, and the program is
-started through `setpriv --reuid=65534 --regid=65534 --clear-groups` (which drops every capability)
-and then `unshare --user`, so that the process limit is counted per sandbox (in the sandbox's own
-user namespace) and one fork bomb cannot starve concurrent runs. Started by a non-root user, bwrap
-makes the user namespace itself (`--unshare-user --uid 65534`).
+The program runs as uid 65534 with these rlimits (set by `prlimit` right before the interpreter
+starts): address space, CPU seconds, processes, file size, open files, no core dumps. Running as root
+needs care, measured on this kernel (6.18): `RLIMIT_NPROC` is never enforced for kernel uid 0, and
+`bwrap --unshare-user --uid 65534` started by root still runs the program as kernel uid 0 (a
+40-process limit let a fork loop make 200 processes). So when we are root, bwrap runs without a user
+namespace, keeps only CAP_SETUID/CAP_SETGID, and the program is started through `setpriv
+--reuid=65534 --regid=65534 --clear-groups` (which drops every capability) and then `unshare --user`,
+so that the process limit is counted per sandbox (in the sandbox's own user namespace) and one fork
+bomb cannot starve concurrent runs. Started by a non-root user, bwrap makes the user namespace itself
+(`--unshare-user --uid 65534`).
 
 The parent enforces the wall-clock deadline by killing the sandbox's pid 1 (the kernel then kills
 everything in its pid namespace), waiting for the teardown, then killing the process group as a
-backstop, so no sandbox process outlives `run_files`. It drains stdout and stderr while the child runs into a bounded buffer (over
-`max_output_bytes` in total: killed, `output_exceeded=True`), and decides nothing itself: callers
-(`verifiers.unit_tests`) judge the `RunResult`.
+backstop, so no sandbox process outlives `run_files`. It drains stdout and stderr while the child
+runs into a bounded buffer (over `max_output_bytes` in total: killed, `output_exceeded=True`), and
+decides nothing itself: callers (`verifiers.unit_tests`) judge the `RunResult`.
 
-What it protects against (bwrap mode): fork bombs, memory bombs, infinite loops and sleeps, floods
-of output, network access of any kind (only a private loopback exists), reading host files outside
-the bound system directories (home directories, `/etc`, `/tmp`, the project), writing anywhere on the
-host, signalling or seeing host processes (pid namespace), core dumps, leftover processes (the
-namespace dies with the run).
+What it protects against: fork bombs, memory bombs, infinite loops and sleeps, floods of output,
+network access of any kind (only a private loopback exists), reading host files outside the bound
+system directories (home directories, `/etc`, `/tmp`, the project), writing anywhere on the host
+(world-writable host dirs such as `/tmp`, `/var/tmp` and `/dev/shm` included: the sandbox's own
+`/tmp` and `/dev` are private), signalling or seeing host processes (pid namespace), core dumps,
+leftover processes (the namespace dies with the run).
 
 What it does NOT protect against: kernel exploits (the program shares the host kernel; there is no
 seccomp filter); reading anything under `/usr` and the interpreter prefix; filling the tmpfs (capped
 at `tmpfs_mb`) or using CPU and memory up to the limits; side channels (timing, /proc of the
 sandbox itself). `RLIMIT_AS` limits address space, not resident memory, so programs that map a lot
-but touch little can still be refused early. In `unshare` mode there is no private filesystem: the
-program sees the host filesystem with the permissions of uid 65534 (when started by root; as a
-non-root user it runs with that user's file permissions), so it can read world-readable files and
-write to world-writable directories such as `/tmp`; use it only where bwrap cannot run.
+but touch little can still be refused early.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-ISOLATIONS = ("auto", "bwrap", "unshare", "none")
+ISOLATIONS = ("auto", "bwrap")  # what a verifier, task source or tool may be configured with
+UNSANDBOXED = "none"  # `run_files` only, for bench/verifiers.py; never a config choice
 SANDBOX_UID = 65534  # "nobody"
 WORK_MOUNT = "/assay"  # where the per-run files appear inside a bwrap sandbox
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -73,10 +81,13 @@ _REAP_S = 5.0  # how long a killed sandbox may take to tear down its pid namespa
 _DIR_PREFIX = "assay-sbx-"
 _STALE_S = 3600.0  # a per-run host dir this old belongs to a run that was killed (timeouts are seconds)
 _last_sweep = 0.0
+# The tools a run starts (setpriv and unshare only when we are root) and the Debian/Ubuntu package of each.
+_PACKAGES = {"bwrap": "bubblewrap", "prlimit": "util-linux", "setpriv": "util-linux", "unshare": "util-linux"}
 
 
 class SandboxUnavailable(RuntimeError):
-    """No isolation mode that was asked for (or any, for `auto`) works on this machine."""
+    """bubblewrap (or a tool it needs) is missing or does not work here; the message is one line that
+    names what is missing and how to get it."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,7 @@ class RunResult:
     """What one sandboxed run did.
 
     `returncode` is the exit status of the started process: the program's own in `none` mode;
-    bwrap and unshare pass the program's status through and report a program killed by a signal as
+    bwrap passes the program's status through and reports a program killed by a signal as
     128 + signal (137 for SIGKILL). After a kill by the parent (`timed_out`, `output_exceeded`) it
     is nonzero but otherwise meaningless.
     """
@@ -114,7 +125,7 @@ class Limits:
     nofile: int = 128
     """RLIMIT_NOFILE: open file descriptors per process."""
     tmpfs_mb: int = 64
-    """Size of the writable tmpfs working directory (bwrap mode)."""
+    """Size of the writable tmpfs working directory."""
 
     @property
     def cpu_s(self) -> int:
@@ -131,7 +142,8 @@ def run_python(
     max_output_bytes: int = 1 << 20,
     isolation: str = "auto",
 ) -> RunResult:
-    """Run `code` as a script (`__name__ == "__main__"`) with `stdin`, isolated as `isolation` says."""
+    """Run `code` as a script (`__name__ == "__main__"`) with `stdin`, isolated as `isolation` says
+    (`auto`/`bwrap`, or `none` for the bench's unsandboxed baseline)."""
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes)
     return run_files({"main.py": code}, "main.py", stdin, limits=limits, isolation=isolation)
 
@@ -147,17 +159,17 @@ def run_files(
 ) -> RunResult:
     """Write `files` (flat names) to a fresh dir, run `python -I <main> *args` there, remove the dir.
 
-    Inside the sandbox the files are read-only; `args` may name them through `file_path`.
+    Inside the sandbox the files are read-only; `args` may name them through `file_path`. `isolation`
+    is `auto`/`bwrap`, or `none` (no sandbox: only the bench's price-of-isolation baseline uses it).
     """
-    mode = resolve_isolation(isolation)
+    mode = _mode(isolation)
     for name in files:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"run_files: file name {name!r} must be a plain name without '/'")
     if main not in files:
         raise ValueError(f"run_files: main script {main!r} is not one of the files {sorted(files)}")
-    base = _host_tmp(mode)
-    _sweep_stale_dirs(base or tempfile.gettempdir())
-    host_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=base)
+    _sweep_stale_dirs(tempfile.gettempdir())
+    host_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX)
     try:
         for name, text in files.items():
             with open(os.path.join(host_dir, name), "w", encoding="utf-8") as f:
@@ -165,9 +177,9 @@ def run_files(
         if os.geteuid() == 0 and mode != "none":  # the sandbox runs as uid 65534 and must read them
             for name in (*files, ""):
                 os.chown(os.path.join(host_dir, name), SANDBOX_UID, SANDBOX_UID)
-        argv, cwd, user = _command(mode, host_dir, main, args, limits)
+        argv = _command(mode, host_dir, main, args, limits)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-        return _execute(argv, cwd, user, data, limits)
+        return _execute(argv, host_dir, data, limits)
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
 
@@ -197,44 +209,53 @@ def _sweep_stale_dirs(base: str) -> None:
 def file_path(name: str, isolation: str) -> str:
     """Where a file passed to `run_files` appears inside a run of that isolation mode, for `args`.
 
-    Only bwrap has a fixed place; other modes run in the host dir, and use paths relative to it.
+    bwrap binds the files at a fixed place; `none` runs in the host dir and uses paths relative to it.
     """
-    return f"{WORK_MOUNT}/{name}" if resolve_isolation(isolation) == "bwrap" else name
+    return f"{WORK_MOUNT}/{name}" if _mode(isolation) == "bwrap" else name
 
 
 def resolve_isolation(isolation: str) -> str:
-    """`auto` becomes the strongest mode that works here (bwrap, then unshare); never `none`."""
+    """The mode a configured `isolation` runs in: always `bwrap` (`auto` means bwrap and nothing
+    weaker), or `SandboxUnavailable` (one line: what is missing, how to get it). Never `none`."""
+    if isolation == "unshare":
+        raise ValueError(
+            "isolation='unshare' is no longer offered: it left the host filesystem writable (only file "
+            f"permissions stood in the way); expected one of {ISOLATIONS}, which need bubblewrap "
+            "(`apt-get install bubblewrap`, or `make install`, which does it)"
+        )
+    if isolation == UNSANDBOXED:
+        raise ValueError(
+            "isolation='none' runs model-written code with no sandbox at all: it is not a config choice "
+            "(only bench/verifiers.py uses it, through run_files, to measure the price of isolation); "
+            f"expected one of {ISOLATIONS}"
+        )
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation={isolation!r}: expected one of {ISOLATIONS}")
-    if isolation == "none":
-        return "none"
-    candidates = ("bwrap", "unshare") if isolation == "auto" else (isolation,)
-    problems = []
-    for mode in candidates:
-        problem = _probe(mode)
-        if problem is None:
-            return mode
-        problems.append(f"{mode}: {problem}")
-    raise SandboxUnavailable("no working sandbox: " + "; ".join(problems))
+    problem = _probe()
+    if problem is not None:
+        raise SandboxUnavailable(f"no sandbox for model-written code: {problem}")
+    return "bwrap"
+
+
+def _mode(isolation: str) -> str:
+    """What `run_files` runs: `none` as asked (the bench's baseline), anything else as configured."""
+    return UNSANDBOXED if isolation == UNSANDBOXED else resolve_isolation(isolation)
 
 
 @functools.cache
-def _probe(mode: str) -> str | None:
-    """None if `mode` runs a trivial program correctly on this machine, else why not (cached)."""
-    tools: tuple[str, ...] = {"bwrap": ("bwrap", "prlimit"), "unshare": ("unshare", "prlimit")}[mode]
+def _probe() -> str | None:
+    """None if bwrap runs a trivial program correctly on this machine, else why not, as the rest of a
+    one-line message that says how to fix it (cached: the answer does not change within a process)."""
+    tools: tuple[str, ...] = ("bwrap", "prlimit")
     if os.geteuid() == 0:
-        tools += ("setpriv",)
+        tools += ("setpriv", "unshare")  # as root the program is started through both (module docstring)
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        return f"missing {', '.join(missing)} on PATH"
-    try:
-        _sandbox_python(mode)
-    except SandboxUnavailable as exc:
-        return str(exc)
-    try:
-        host_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX + "probe-", dir=_host_tmp(mode))
-    except SandboxUnavailable as exc:
-        return str(exc)
+        names = ", ".join(f"`{t}` ({_PACKAGES[t]})" for t in missing)
+        packages = " ".join(dict.fromkeys(_PACKAGES[t] for t in missing))  # bubblewrap first, once each
+        make = ", or `make install`, which does it" if "bwrap" in missing else ""
+        return f"{names} not found on PATH; install with `apt-get install {packages}`{make}"
+    host_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX + "probe-")
     try:
         with open(os.path.join(host_dir, "probe.py"), "w") as f:
             f.write("print(6 * 7)\n")
@@ -242,89 +263,43 @@ def _probe(mode: str) -> str | None:
             os.chown(host_dir, SANDBOX_UID, SANDBOX_UID)
             os.chown(os.path.join(host_dir, "probe.py"), SANDBOX_UID, SANDBOX_UID)
         limits = Limits(timeout_s=30.0)
-        argv, cwd, user = _command(mode, host_dir, "probe.py", (), limits)
-        result = _execute(argv, cwd, user, b"", limits)
+        result = _execute(_command("bwrap", host_dir, "probe.py", (), limits), host_dir, b"", limits)
     except OSError as exc:
-        return f"cannot start: {exc}"
+        return f"bubblewrap (bwrap) cannot be started: {exc}"
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
     if result.returncode != 0 or result.stdout.strip() != "42":
-        return f"probe failed (exit {result.returncode}): {result.stderr.strip()[-300:]}"
+        why = " ".join(result.stderr.split())[-300:] or "no error output"
+        return (
+            f"bubblewrap (bwrap) is installed but does not work here (exit {result.returncode}: {why}); it "
+            "needs unprivileged user namespaces, or root with CAP_SYS_ADMIN (a privileged container)"
+        )
     return None
 
 
-def _sandbox_python(mode: str) -> str:
-    """The base interpreter (not the venv's) that the sandbox can execute."""
-    base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    if mode in ("bwrap", "none") or os.geteuid() != 0:
-        return base
-    # unshare as root: the program runs as uid 65534 on the host filesystem, so the interpreter must
-    # be reachable by "other" (a pyenv under /root is not); fall back to a system python.
-    for path in (base, "/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.path.exists(path) and _reachable_by_others(os.path.realpath(path)):
-            return os.path.realpath(path)
-    raise SandboxUnavailable(f"no python reachable by uid {SANDBOX_UID} ({base} is not)")
+def _sandbox_python() -> str:
+    """The base interpreter (not the venv's): its prefix is bound read-only into the sandbox."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
-def _host_tmp(mode: str) -> str | None:
-    """Where per-run host dirs go: the usual temp dir, unless an unshare run as uid 65534 can't reach it."""
-    if mode != "unshare" or os.geteuid() != 0 or _reachable_by_others(tempfile.gettempdir()):
-        return None
-    if _reachable_by_others("/tmp"):
-        return "/tmp"
-    raise SandboxUnavailable(f"neither {tempfile.gettempdir()} nor /tmp is reachable by uid {SANDBOX_UID}")
-
-
-def _reachable_by_others(path: str) -> bool:
-    """Every directory above `path` is o+x and `path` itself o+rx."""
-    parts = path.split("/")
-    for i in range(2, len(parts)):
-        if not os.stat("/".join(parts[:i]) or "/").st_mode & 0o001:
-            return False
-    return os.stat(path).st_mode & 0o005 == 0o005
-
-
-def _command(
-    mode: str, host_dir: str, main: str, args: tuple[str, ...], limits: Limits
-) -> tuple[list[str], str, int | None]:
-    """argv, host cwd and host uid (or None: keep ours) for one run."""
-    python = _sandbox_python(mode)
-    if mode == "none":
-        return [python, "-I", main, *args], host_dir, None
+def _command(mode: str, host_dir: str, main: str, args: tuple[str, ...], limits: Limits) -> list[str]:
+    """argv of one run (started with the host dir as its cwd)."""
+    python = _sandbox_python()
+    if mode == UNSANDBOXED:
+        return [python, "-I", main, *args]
     root = os.geteuid() == 0
     inner = [*_prlimit_argv(limits), python, "-I"]
-    if mode == "bwrap":
-        if root:
-            inner = [
-                "setpriv",
-                f"--reuid={SANDBOX_UID}",
-                f"--regid={SANDBOX_UID}",
-                "--clear-groups",
-                "unshare",
-                "--user",
-                *inner,
-            ]
-        return (
-            [*_bwrap_argv(host_dir, python, limits, root), *inner, f"{WORK_MOUNT}/{main}", *args],
-            host_dir,
-            None,
-        )
-    outer = [
-        "setpriv",
-        "--pdeathsig",
-        "KILL",
-        "--no-new-privs",
-        "unshare",
-        "--user",
-        "--net",
-        "--pid",
-        "--ipc",
-        "--uts",
-        "--fork",
-        "--mount-proc",
-        "--kill-child",
-    ]
-    return [*outer, *inner, main, *args], host_dir, SANDBOX_UID if root else None
+    if root:
+        inner = [
+            "setpriv",
+            f"--reuid={SANDBOX_UID}",
+            f"--regid={SANDBOX_UID}",
+            "--clear-groups",
+            "unshare",
+            "--user",
+            *inner,
+        ]
+    return [*_bwrap_argv(host_dir, python, limits, root), *inner, f"{WORK_MOUNT}/{main}", *args]
 
 
 def _prlimit_argv(limits: Limits) -> list[str]:
@@ -343,7 +318,7 @@ def _prlimit_argv(limits: Limits) -> list[str]:
 
 def _bwrap_argv(host_dir: str, python: str, limits: Limits, root: bool) -> list[str]:
     argv = [
-        "bwrap",
+        shutil.which("bwrap") or "bwrap",  # the one `_probe` checked (the run's own PATH is /usr/bin:/bin)
         "--unshare-pid",
         "--unshare-net",
         "--unshare-ipc",
@@ -378,13 +353,12 @@ def _bwrap_argv(host_dir: str, python: str, limits: Limits, root: bool) -> list[
     return argv
 
 
-def _execute(argv: list[str], cwd: str, user: int | None, stdin: bytes, limits: Limits) -> RunResult:
+def _execute(argv: list[str], cwd: str, stdin: bytes, limits: Limits) -> RunResult:
     """Start `argv` in its own session, feed stdin, drain output under the caps, kill it at the deadline."""
     start = time.monotonic()
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
         env={**_ENV, "HOME": cwd}, start_new_session=True, close_fds=True,
-        user=user, group=user, extra_groups=None if user is None else [],
     )  # fmt: skip
     try:
         out, err, timed_out, exceeded = _pump(proc, stdin, start + limits.timeout_s, limits.max_output_bytes)
@@ -461,7 +435,7 @@ def _pump(
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Kill what is left of a run and return only when all of it is gone.
 
-    The outer process (bwrap or unshare) waits for the sandbox's pid-1 and then exits, and a pid-1
+    The outer process (bwrap) waits for the sandbox's pid-1 and then exits, and a pid-1
     exits only after the kernel has killed and reaped every other process of its namespace. So we
     SIGKILL the pid-1s (the outer process's children) first and wait for the outer process; killing
     the outer process first would leave the namespace dying in the background. The process group

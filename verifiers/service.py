@@ -87,14 +87,17 @@ def _task_problem(data: Any) -> str | None:
 
 
 def _verdict_to_pb(v: Verdict) -> pb.Verdict:
-    msg = pb.Verdict(reason=v.reason, metrics={k: float(x) for k, x in v.metrics.items()})
+    msg = pb.Verdict(reason=v.reason, metrics={k: float(x) for k, x in v.metrics.items()}, outcome=v.outcome,
+                     error=v.error)
     if v.score is not None:
         msg.score = float(v.score)
     return msg
 
 
 def _verdict_from_pb(msg: pb.Verdict) -> Verdict:
-    return Verdict(msg.score if msg.HasField("score") else None, msg.reason, dict(msg.metrics))
+    """The verdict; its outcome as the server's pool set it (derived here only from an older server)."""
+    return Verdict(msg.score if msg.HasField("score") else None, msg.reason, dict(msg.metrics), msg.outcome,
+                   msg.error)
 
 
 class _Servicer(pb_grpc.VerifierServiceServicer):

@@ -198,7 +198,11 @@ main()
 
 
 class UnitTestVerifier:
-    """Runs the task's unit tests on the response's code; see the module docstring for the rules."""
+    """Runs the task's unit tests on the response's code; see the module docstring for the rules.
+
+    Building it raises `SandboxUnavailable` (one line) where bubblewrap is missing or broken: it never
+    runs model-written code in anything weaker (`verifiers.sandbox`).
+    """
 
     name = "unit_tests"
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18verifiers/verifier.proto\x12\x0f\x61ssay.verifiers\"+\n\x04Item\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x11\n\ttask_json\x18\x02 \x01(\t\"4\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.assay.verifiers.Item\"\x9f\x01\n\x07Verdict\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.assay.verifiers.Verdict.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_score\";\n\rScoreResponse\x12*\n\x08verdicts\x18\x01 \x03(\x0b\x32\x18.assay.verifiers.Verdict\"\x0f\n\rHealthRequest\"D\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x10\n\x0eMetricsRequest\"\x81\x01\n\x0fMetricsResponse\x12>\n\x07metrics\x18\x01 \x03(\x0b\x32-.assay.verifiers.MetricsResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xf2\x01\n\x0fVerifierService\x12\x46\n\x05Score\x12\x1d.assay.verifiers.ScoreRequest\x1a\x1e.assay.verifiers.ScoreResponse\x12I\n\x06Health\x12\x1e.assay.verifiers.HealthRequest\x1a\x1f.assay.verifiers.HealthResponse\x12L\n\x07Metrics\x12\x1f.assay.verifiers.MetricsRequest\x1a .assay.verifiers.MetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18verifiers/verifier.proto\x12\x0f\x61ssay.verifiers\"+\n\x04Item\x12\x10\n\x08response\x18\x01 \x01(\t\x12\x11\n\ttask_json\x18\x02 \x01(\t\"4\n\x0cScoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.assay.verifiers.Item\"\xbf\x01\n\x07Verdict\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.assay.verifiers.Verdict.MetricsEntry\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06_score\";\n\rScoreResponse\x12*\n\x08verdicts\x18\x01 \x03(\x0b\x32\x18.assay.verifiers.Verdict\"\x0f\n\rHealthRequest\"D\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x10\n\x0eMetricsRequest\"\x81\x01\n\x0fMetricsResponse\x12>\n\x07metrics\x18\x01 \x03(\x0b\x32-.assay.verifiers.MetricsResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xf2\x01\n\x0fVerifierService\x12\x46\n\x05Score\x12\x1d.assay.verifiers.ScoreRequest\x1a\x1e.assay.verifiers.ScoreResponse\x12I\n\x06Health\x12\x1e.assay.verifiers.HealthRequest\x1a\x1f.assay.verifiers.HealthResponse\x12L\n\x07Metrics\x12\x1f.assay.verifiers.MetricsRequest\x1a .assay.verifiers.MetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=90
   _globals['_SCOREREQUEST']._serialized_end=142
   _globals['_VERDICT']._serialized_start=145
-  _globals['_VERDICT']._serialized_end=304
-  _globals['_VERDICT_METRICSENTRY']._serialized_start=248
-  _globals['_VERDICT_METRICSENTRY']._serialized_end=294
-  _globals['_SCORERESPONSE']._serialized_start=306
-  _globals['_SCORERESPONSE']._serialized_end=365
-  _globals['_HEALTHREQUEST']._serialized_start=367
-  _globals['_HEALTHREQUEST']._serialized_end=382
-  _globals['_HEALTHRESPONSE']._serialized_start=384
-  _globals['_HEALTHRESPONSE']._serialized_end=452
-  _globals['_METRICSREQUEST']._serialized_start=454
-  _globals['_METRICSREQUEST']._serialized_end=470
-  _globals['_METRICSRESPONSE']._serialized_start=473
-  _globals['_METRICSRESPONSE']._serialized_end=602
-  _globals['_METRICSRESPONSE_METRICSENTRY']._serialized_start=248
-  _globals['_METRICSRESPONSE_METRICSENTRY']._serialized_end=294
-  _globals['_VERIFIERSERVICE']._serialized_start=605
-  _globals['_VERIFIERSERVICE']._serialized_end=847
+  _globals['_VERDICT']._serialized_end=336
+  _globals['_VERDICT_METRICSENTRY']._serialized_start=280
+  _globals['_VERDICT_METRICSENTRY']._serialized_end=326
+  _globals['_SCORERESPONSE']._serialized_start=338
+  _globals['_SCORERESPONSE']._serialized_end=397
+  _globals['_HEALTHREQUEST']._serialized_start=399
+  _globals['_HEALTHREQUEST']._serialized_end=414
+  _globals['_HEALTHRESPONSE']._serialized_start=416
+  _globals['_HEALTHRESPONSE']._serialized_end=484
+  _globals['_METRICSREQUEST']._serialized_start=486
+  _globals['_METRICSREQUEST']._serialized_end=502
+  _globals['_METRICSRESPONSE']._serialized_start=505
+  _globals['_METRICSRESPONSE']._serialized_end=634
+  _globals['_METRICSRESPONSE_METRICSENTRY']._serialized_start=280
+  _globals['_METRICSRESPONSE_METRICSENTRY']._serialized_end=326
+  _globals['_VERIFIERSERVICE']._serialized_start=637
+  _globals['_VERIFIERSERVICE']._serialized_end=879
 # @@protoc_insertion_point(module_scope)

@@ -191,7 +191,8 @@ class CodeReasoningConfig:
     """Further input/output pairs an induction answer is tested on, never shown."""
 
     isolation: str = "auto"
-    """Sandbox the programs run in to compute the answers (`verifiers.sandbox`: auto, bwrap, unshare)."""
+    """Sandbox the programs run in to compute the answers (`verifiers.sandbox`: auto or bwrap, the same
+    thing: without a working bubblewrap the task source refuses to start, never runs them unsandboxed)."""
 
 
 @dataclass

@@ -49,9 +49,9 @@ class Row:
 def read_rows(path: str | Path, columns: dict[str, str], file_format: str = "auto") -> list[Row]:
     """All rows of a task file, validated; raises `TaskFileError` naming file, line and field."""
     path = Path(path)
-    fmt = _format(path, file_format)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file")
+    fmt = _format(path, file_format)
     records = _jsonl_records(path) if fmt == "jsonl" else _parquet_records(path, columns)
     rows: list[Row] = []
     seen: dict[str, str] = {}  # id -> where it was first seen
@@ -171,18 +171,23 @@ def _format(path: Path, file_format: str) -> str:
     if file_format in ("jsonl", "parquet"):
         return file_format
     if file_format != "auto":
-        raise ValueError(f"task.file.format={file_format!r}: expected 'jsonl', 'parquet' or 'auto'")
+        raise TaskFileError(f"task.file.format={file_format!r}: expected 'jsonl', 'parquet' or 'auto'")
     by_suffix = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
     if path.suffix.lower() not in by_suffix:
-        raise ValueError(
+        raise TaskFileError(
             f"{path}: cannot tell the format from the extension; set task.file.format to jsonl or parquet"
         )
     return by_suffix[path.suffix.lower()]
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for line, text in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for line, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskFileError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                    f"{err.start + 1}); save the file as UTF-8") from None
             if not text.strip():
                 continue
             try:

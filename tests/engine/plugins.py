@@ -7,7 +7,9 @@ light (no torch) because the pool's process workers import it.
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from verifiers.base import Task, Verdict
@@ -28,7 +30,7 @@ class EvenLengthVerifier:
 
 class SlowOddVerifier:
     """1.0 for every response, but one with an odd number of characters first sleeps far past the
-    pool's timeout: any reward below 1 is a timeout scored 0."""
+    pool's timeout: a `timeout` infra error, left out of the rewards."""
 
     name = "slow_odd"
 
@@ -57,6 +59,39 @@ class OddReferenceUnsolvable:
         if int(task.reference) % 2:
             return Verdict(0.0, "unsolvable")
         return EvenLengthVerifier().verify(response, task)
+
+
+def _raise(message: str) -> Verdict:
+    raise RuntimeError(message)
+
+
+def _print_then_judge(response: str, task: Task) -> Verdict:
+    print("x" * 100_000 + " PRINTED-BY-THE-VERIFIER", flush=True)
+    return EvenLengthVerifier().verify(response, task)
+
+
+# task.reference -> what MisbehavingVerifier does with a response to that task
+MISBEHAVIOURS: dict[str, Callable[[str, Task], Verdict]] = {
+    "raise": lambda response, task: _raise("the verifier broke"),
+    "hang": lambda response, task: SlowOddVerifier().verify("odd", task),  # sleeps 60 s
+    "crash": lambda response, task: os._exit(13),
+    "nan": lambda response, task: Verdict(float("nan"), "not a number"),
+    "five": lambda response, task: Verdict(5.0, "five out of one"),
+    "print": _print_then_judge,
+    "ok": lambda response, task: EvenLengthVerifier().verify(response, task),
+}
+
+
+class MisbehavingVerifier:
+    """Fails as its task's reference says (a key of MISBEHAVIOURS), so one RL step meets every kind of
+    verifier failure; on the second pass over the task file (task ids `row@1`) every call raises."""
+
+    name = "misbehaving"
+
+    def verify(self, response: str, task: Task) -> Verdict:
+        if task.id.endswith("@1"):
+            _raise("broken on the second epoch")
+        return MISBEHAVIOURS[task.reference](response, task)
 
 
 def write_doubling_prompts(path: Path, count: int = 40) -> Path:

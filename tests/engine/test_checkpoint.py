@@ -38,7 +38,7 @@ def test_exception_mid_write_leaves_previous(tmp_path: Path) -> None:
         (tmp / "weights.bin").write_text("partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*step_000002: OSError: disk full"):
         checkpoint.write_atomic(checkpoint.step_dir(tmp_path, 2), half_then_fail)
     assert checkpoint.latest(tmp_path) == tmp_path / "step_000001"
     assert checkpoint.read_state(tmp_path / "step_000001") == {"step": 1}
@@ -74,7 +74,7 @@ def test_overwrite_replaces_whole_directory(tmp_path: Path) -> None:
     checkpoint.write_atomic(final, _write_files("1"))
     (final / "stale.txt").write_text("from the first write")
     checkpoint.write_atomic(final, _write_files("2"))
-    assert sorted(os.listdir(final)) == ["state.json", "weights.bin"]
+    assert sorted(os.listdir(final)) == ["checksums.json", "state.json", "weights.bin"]
 
 
 def test_prune_keeps_newest(tmp_path: Path) -> None:
@@ -100,3 +100,37 @@ def test_unreadable_state_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="state.json"):
         checkpoint.read_state(tmp_path)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path: Path, capsys) -> None:
+    for step in (1, 2):
+        checkpoint.write_atomic(checkpoint.step_dir(tmp_path, step), _write_files(str(step)))
+    assert checkpoint.damage(tmp_path / "step_000002") is None
+    (tmp_path / "step_000002" / "weights.bin").write_text("3")  # one flipped byte, same size
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_000002"  # complete, but ...
+    assert checkpoint.latest_loadable(tmp_path) == tmp_path / "step_000001"  # ... not loadable
+    warning = capsys.readouterr().err
+    assert "step_000002" in warning and "weights.bin: checksum mismatch" in warning
+    (tmp_path / "step_000001" / "weights.bin").unlink()
+    assert checkpoint.latest_loadable(tmp_path) is None
+    assert "weights.bin: No such file" in capsys.readouterr().err
+
+
+def test_a_full_disk_says_so_with_the_path(tmp_path: Path) -> None:
+    """A real full filesystem: a 1 MiB tmpfs (mounting needs root; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        def fill(tmp: Path) -> None:
+            (tmp / "weights.bin").write_bytes(b"\0" * (2 << 20))
+
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            checkpoint.write_atomic(checkpoint.step_dir(disk / "checkpoints", 1), fill)
+        assert "No space left on device" in str(err.value) and "step_000001" in str(err.value)
+        assert list((disk / "checkpoints").iterdir()) == []  # the partial write is gone
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+

@@ -42,6 +42,17 @@ def test_demo_runs_every_stage_and_writes_the_report(ray_local, tmp_path: Path, 
     for stage in report["stages"]:
         assert (tmp_path / "demo" / stage / "final" / "hf" / "config.json").exists()
 
+    # Run again: `resume=true` finds every stage finished and trains nothing; without it the earlier run
+    # is moved aside (here the new run then stops at a bad model path, before any stage starts).
+    args = [f"runs_dir={tmp_path}", "steps=2", "progress=false", "task.eval_size=8", "corpus_docs=500"]
+    assert main(["demo", *args, "resume=true"]) == 0
+    assert capsys.readouterr().out.count("already; nothing to resume") == 4
+    assert main(["demo", *args, f"model.path={tmp_path}/no-model"]) == 1
+    out, err = capsys.readouterr()
+    (aside,) = tmp_path.glob("demo.old-*")
+    assert f"moved the earlier demo run aside to {aside}" in out and "no-model" in err
+    assert json.loads((aside / "report.json").read_text())["stages"].keys() == report["stages"].keys()
+
 
 def test_stop_at_accuracy_ends_a_supervised_stage_at_the_evaluation_that_reaches_it(ray_local, tmp_path) -> None:
     from engine.checkpoint import read_state

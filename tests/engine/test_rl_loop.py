@@ -1,5 +1,5 @@
 """The RL loop's integration tests: served-weight parity after a sync, a run killed mid-way that resumes
-exactly, and a verifier timeout that scores 0 without stopping the step.
+exactly, and a verifier timeout that is left out (an infra error, never a 0) without stopping the step.
 
 The verifiers they score with live in `tests.engine.plugins` (the pool's process workers import them).
 """
@@ -51,19 +51,20 @@ def _file_run_args(prompts_file: Path, tiny_model: str, runs_dir: Path, verifier
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_verifier_timeout_scores_zero_and_the_step_goes_on(ray_local, prompts_file, tiny_model, tmp_path) -> None:
+def test_verifier_timeout_is_left_out_and_the_step_goes_on(ray_local, prompts_file, tiny_model, tmp_path) -> None:
     from engine.cli import run_stage
     from engine.config import compose_config
     from engine.metrics import read_metrics
 
     args = _file_run_args(prompts_file, tiny_model, tmp_path, "SlowOddVerifier")
-    result = run_stage(compose_config([*args, "steps=1", "verifier.timeout_s=0.5", "verifier.workers=4"]))
+    result = run_stage(compose_config([*args, "steps=1", "verifier.timeout_s=0.5", "verifier.workers=4",
+                                       "verifier.max_infra_error_frac=1.0"]))
     step = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}[1]
-    # Every verdict that came back is 1.0, so the mean is below 1 only through timed-out samples scored 0
-    # (not dropped: a dropped sample would be NaN, counted in verifier/dropped_frac and left out of the mean).
-    assert step["verifier/dropped_frac"] == 0.0
-    assert 0.0 < step["rollout/reward_mean"] < 1.0
-    assert step["learner/grad_norm"] > 0  # mixed rewards: the step trained on the timed-out samples too
+    # Every verdict that came back is 1.0 and a timed-out sample is an infra error: left out of the mean
+    # (NaN, counted in verifier/dropped_frac and the timeouts), never trained as a 0.
+    assert step["verifier/SlowOddVerifier/timeouts"] > 0 and step["verifier/dropped_frac"] > 0
+    assert step["verifier/SlowOddVerifier/infra_errors"] == step["verifier/SlowOddVerifier/timeouts"]
+    assert step["rollout/reward_mean"] == 1.0
     assert step["rollout/weight_version"] == 1
     assert (result.export_dir / "config.json").exists()
 
@@ -90,32 +91,52 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def _start_run(args: list[str], log: Path) -> subprocess.Popen:
+    """A real `assay train` process in its own session (process group) with its own local Ray instance
+    (init_ray never attaches)."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "engine.cli", "train", *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not path.exists():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after 240 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def _leftovers(pid: int, shm_dir: Path) -> list[Path]:
+    """The shared-memory weight slots and doorbell socket dirs of the driver `pid`."""
+    import tempfile
+
+    return [*shm_dir.glob(f"assay-weights-{pid}-*"), *Path(tempfile.gettempdir()).glob(f"assay-bell-{pid}-*")]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_rl_run_killed_after_a_checkpoint_resumes_exactly(ray_local, prompts_file, tiny_model, tmp_path) -> None:
-    """SIGKILL a real `assay train` process once step 2's checkpoint exists; resuming reproduces step 3."""
+def test_rl_runs_killed_or_stopped_resume_exactly_and_leave_nothing(ray_local, prompts_file, tiny_model,
+                                                                    tmp_path) -> None:
+    """Two real `assay train` processes: one SIGKILLed once step 2's checkpoint exists (its shared memory and
+    socket dir stay behind until the next start removes them), one sent SIGTERM mid-run (it checkpoints
+    the step it is on, stops every process and exits 143). Both resume to the metrics of a run that was
+    never interrupted."""
     from engine.cli import run_stage
     from engine.config import compose_config
     from engine.metrics import read_metrics
 
-    def args(runs_dir: Path) -> list[str]:
-        return [*_file_run_args(prompts_file, tiny_model, runs_dir, "EvenLengthVerifier"), "steps=3", "save_every=1"]
+    def args(runs_dir: Path, *extra: str) -> list[str]:
+        return [*_file_run_args(prompts_file, tiny_model, runs_dir, "EvenLengthVerifier"), "steps=3", *extra]
 
-    killed_dir, fresh_dir = tmp_path / "killed", tmp_path / "fresh"
+    killed_dir, stopped_dir, fresh_dir = tmp_path / "killed", tmp_path / "stopped", tmp_path / "fresh"
     run_dir = killed_dir / "default" / "rl"
     log = tmp_path / "killed.log"
-    with log.open("w") as out:
-        # Its own session (process group) and its own local Ray instance (init_ray never attaches).
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", *args(killed_dir)], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start_run(args(killed_dir, "save_every=1"), log)
     children: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "step_000002" / "state.json").exists():
-            assert proc.poll() is None, f"the run exited ({proc.returncode}) before step 2:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no step-2 checkpoint after 240 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
+        _wait_for(run_dir / "checkpoints" / "step_000002" / "state.json", proc, log, "a step-2 checkpoint")
         children = _descendants(proc.pid)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -132,6 +153,7 @@ def test_rl_run_killed_after_a_checkpoint_resumes_exactly(ray_local, prompts_fil
             proc.wait(timeout=30)
         for pid in _alive(children):  # only processes this test started
             os.kill(pid, signal.SIGKILL)
+    assert len(_leftovers(proc.pid, killed_dir)) == 2  # a weight slot dir and a doorbell dir
 
     killed = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
     assert {1, 2} <= set(killed) and 3 not in killed
@@ -139,16 +161,42 @@ def test_rl_run_killed_after_a_checkpoint_resumes_exactly(ray_local, prompts_fil
     for step in (1, 2):
         assert 0.0 < killed[step]["rollout/reward_mean"] < 1.0 and killed[step]["learner/grad_norm"] > 0
 
-    resumed = run_stage(compose_config([*args(killed_dir), "resume=true"]))
-    fresh = run_stage(compose_config(args(fresh_dir)))
-    after = {r["step"]: r for r in read_metrics(resumed.run_dir / "metrics.jsonl")}
+    stop_log = tmp_path / "stopped.log"
+    stopped = _start_run(args(stopped_dir, "steps=4"), stop_log)  # no periodic checkpoints: only the stop's
+    try:
+        _wait_for(stopped_dir / "default" / "rl" / "metrics.jsonl", stopped, stop_log, "metrics")
+        while '"step": 1' not in (stopped_dir / "default" / "rl" / "metrics.jsonl").read_text():
+            assert stopped.poll() is None, stop_log.read_text()[-3000:]
+            time.sleep(0.1)
+        stopped_children = _descendants(stopped.pid)
+        stopped.send_signal(signal.SIGTERM)
+        assert stopped.wait(timeout=120) == 143, stop_log.read_text()[-3000:]
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
+    out = stop_log.read_text()
+    line = next(line for line in out.splitlines() if "stopped at step" in line)
+    at = int(line.split("stopped at step ")[1].split()[0])
+    assert at in (1, 2, 3) and f"step_{at:06d}" in line and line.endswith("resume=true"), line
+    assert "Traceback" not in out
+    time.sleep(2)
+    assert not _alive(stopped_children), f"processes outlived the stopped run: {_alive(stopped_children)}"
+    assert _leftovers(stopped.pid, stopped_dir) == []  # a clean stop removes its own
+
+    resumed = run_stage(compose_config([*args(killed_dir, "save_every=1"), "resume=true"]))
+    assert _leftovers(proc.pid, killed_dir) == []  # the next start removed what the killed run left
+    resumed_stop = run_stage(compose_config([*args(stopped_dir, "steps=4"), "resume=true"]))
+    fresh = run_stage(compose_config(args(fresh_dir, "steps=4")))
     before = {r["step"]: r for r in read_metrics(fresh.run_dir / "metrics.jsonl")}
-    assert sorted(after) == sorted(before) == [0, 1, 2, 3]
-    for key in ("rollout/response_len", "rollout/reward_mean", "rollout/truncated_frac", "rollout/weight_version"):
-        assert after[3][key] == before[3][key], key
-    for key in ("learner/loss", "learner/grad_norm", "learner/logprob_diff"):
-        assert after[3][key] == pytest.approx(before[3][key], rel=1e-4, abs=1e-7), key
-    assert after[3]["rollout/weight_version"] == 3
+    for result, upto in ((resumed, 3), (resumed_stop, 4)):
+        after = {r["step"]: r for r in read_metrics(result.run_dir / "metrics.jsonl")}
+        assert sorted(after) == list(range(upto + 1))
+        for step in range(1, upto + 1):
+            for key in ("rollout/response_len", "rollout/reward_mean", "rollout/truncated_frac",
+                        "rollout/weight_version"):
+                assert after[step][key] == before[step][key], (step, key)
+            for key in ("learner/loss", "learner/grad_norm", "learner/logprob_diff"):
+                assert after[step][key] == pytest.approx(before[step][key], rel=1e-4, abs=1e-7), (step, key)
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def _losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["learner/loss"] for r in read_metrics(path) if "learner/loss" in r}
 
 
-def test_kill_and_resume_reproduces_losses(tmp_path: Path) -> None:
+def test_kill_or_interrupt_and_resume_reproduces_losses(tmp_path: Path) -> None:
     args = [*COMMON, "stage=pretrain", "steps=8", "save_every=4", "learner.lr=3e-3", "learner.batch_size=8",
             "learner.micro_batch_size=4", "cluster.learners=2"]
     straight = _assay(args, tmp_path / "straight")
@@ -111,6 +111,29 @@ def test_kill_and_resume_reproduces_losses(tmp_path: Path) -> None:
     got = _losses(run_dir / "metrics.jsonl")
     assert sorted(got) == list(range(1, 9))
     for step in range(5, 9):  # the steps recomputed after the resume
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got[step], expected[step])
+
+    # Ctrl-C, as a terminal sends it (SIGINT to the whole process group, Ray's processes included), with
+    # no periodic checkpoint: the run finishes its step, checkpoints it, exits 130 and says how to go on.
+    interrupted = _assay([a for a in args if a != "save_every=4"], tmp_path / "interrupted")
+    run_dir = tmp_path / "interrupted" / "arith_tiny" / "pretrain"
+    deadline = time.monotonic() + 600
+    while not (run_dir / "metrics.jsonl").exists() or not _losses(run_dir / "metrics.jsonl"):
+        assert interrupted.poll() is None and time.monotonic() < deadline, interrupted.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(interrupted.pid, signal.SIGINT)
+    out, _ = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, out[-3000:]
+    (line,) = [line for line in out.splitlines() if "stopped at step" in line]
+    at = int(line.split("stopped at step ")[1].split()[0])
+    assert 1 <= at < 8 and (run_dir / "checkpoints" / f"step_{at:06d}" / "state.json").exists(), line
+    assert line.endswith("resume=true") and "Traceback" not in out and "KeyboardInterrupt" not in out
+    resumed = _assay([a for a in args if a != "save_every=4"] + ["resume=true"], tmp_path / "interrupted")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    got = _losses(run_dir / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got[step], expected[step])
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from engine.tasks import ArithmeticConfig, FileConfig, Task, TaskConfig, TaskSource, load_task_source
 from engine.tasks.arithmetic import ArithmeticSource, carry_free_sum, evaluate
-from engine.tasks.files import FileSource, TaskFileError
+from engine.tasks.base import DEFAULT_COLUMNS
+from engine.tasks.files import FileSource, TaskFileError, read_rows
 
 # ---------------------------------------------------------------- arithmetic
 
@@ -314,7 +315,8 @@ def test_file_source_config_errors(tmp_path):
         FileSource(str(path), eval_size=4)
     with pytest.raises(ValueError, match=r"task.file.columns: unknown task fields \['answer'\]"):
         FileSource(str(path), columns={"answer": "answer"})
-    with pytest.raises(ValueError, match="set task.file.format"):
+    (tmp_path / "data.csv").write_text("prompt,answer\n")
+    with pytest.raises(TaskFileError, match="set task.file.format"):
         FileSource(str(tmp_path / "data.csv"))
     with pytest.raises(TaskFileError, match="no such task file"):
         FileSource(str(tmp_path / "missing.jsonl"))
@@ -324,3 +326,11 @@ def test_task_is_reexported():
     from verifiers.base import Task as BaseTask
 
     assert Task is BaseTask
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1", "response": "1"}\n{"prompt": "caf\xe9"}\n')  # byte 16 of line 2
+    with pytest.raises(TaskFileError, match=r"data.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_rows(path, DEFAULT_COLUMNS)
+

@@ -87,6 +87,45 @@ class SlowStartVerifier:
         return Verdict(1.0, "built")
 
 
+class MisbehavingVerifier:
+    """The response says how it fails: "raise" raises, "nan" and "five" return a NaN and a 5.0 score
+    (outside the default range [0, 1]), "print:N" writes N bytes to stdout and N to stderr, and has
+    a child process print a line, then scores 1.0; "print-hang" prints a line, then hangs. Anything else
+    is a float score."""
+
+    name = "misbehaving"
+
+    def verify(self, response: str, task: Task) -> Verdict:
+        if response == "raise":
+            raise RuntimeError("the verifier broke")
+        if response == "nan":
+            return Verdict(float("nan"), "not a number")
+        if response == "five":
+            return Verdict(5.0, "too much")
+        if response.startswith("print:"):
+            size = int(response.partition(":")[2])
+            sys.stdout.write("o" * (size - 11) + "STDOUT-END\n")
+            sys.stderr.write("e" * (size - 11) + "STDERR-END\n")
+            sys.stdout.flush()
+            subprocess.run([sys.executable, "-c", "print('CHILD-SAYS-HI')"], check=True)
+            sys.stderr.write("LAST-LINE\n")
+            return Verdict(1.0, "printed")
+        if response == "print-hang":
+            print("ABOUT-TO-HANG", flush=True)
+            time.sleep(3600.0)
+        return Verdict(float(response), "as told")
+
+
+class TenPointVerifier:
+    """Declares `score_range = (0, 10)` and returns `float(response)` as the score."""
+
+    name = "ten_point"
+    score_range = (0.0, 10.0)
+
+    def verify(self, response: str, task: Task) -> Verdict:
+        return Verdict(float(response), "out of ten")
+
+
 class NotAVerifier:
     """Has no `verify` method: the registry must refuse it."""
 

@@ -1,13 +1,17 @@
-"""verifiers.sandbox: real sandboxed interpreters (bwrap, the unshare fallback, and no sandbox)."""
+"""verifiers.sandbox: real sandboxed interpreters (bwrap, and no sandbox for the bench), refusal without
+bubblewrap, and the `make install` step that installs it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +19,18 @@ import pytest
 from verifiers import sandbox
 from verifiers.sandbox import Limits, SandboxUnavailable, file_path, resolve_isolation, run_files, run_python
 
-SANDBOXED = ("bwrap", "unshare")
 
-
-def _available(mode: str) -> bool:
+def _problem(mode: str) -> str | None:
     try:
-        return resolve_isolation(mode) == mode
-    except SandboxUnavailable:
-        return False
+        return None if resolve_isolation(mode) == mode else f"{mode} resolves to something else"
+    except SandboxUnavailable as exc:
+        return str(exc)
 
 
-needs_bwrap = pytest.mark.skipif(not _available("bwrap"), reason="bubblewrap does not work here")
-needs_unshare = pytest.mark.skipif(not _available("unshare"), reason="unshare fallback does not work here")
-MODES = [pytest.param("bwrap", marks=needs_bwrap), pytest.param("unshare", marks=needs_unshare)]
+needs_bwrap = pytest.mark.skipif(
+    _problem("bwrap") is not None, reason=f"bubblewrap does not work here: {_problem('bwrap')}"
+)
+MODES = [pytest.param("bwrap", marks=needs_bwrap)]
 
 
 @pytest.fixture
@@ -184,31 +187,6 @@ def test_files_and_args_reach_the_program_and_host_dir_is_removed(mode: str, hos
     assert list(host_tmp.iterdir()) == []
 
 
-def test_auto_falls_back_to_unshare_without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    if not _available("unshare"):
-        pytest.skip("unshare fallback does not work here")
-    for tool in ("unshare", "prlimit", "setpriv"):  # a PATH that has everything but bwrap
-        os.symlink(shutil.which(tool) or tool, tmp_path / tool)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    sandbox._probe.cache_clear()
-    try:
-        assert resolve_isolation("auto") == "unshare"
-        result = run_python("import os\nprint(os.getuid())\n", timeout_s=20, isolation="auto")
-        assert result.stdout.strip() == "65534"
-    finally:
-        sandbox._probe.cache_clear()  # the next caller probes with the real PATH again
-
-
-def test_no_working_sandbox_is_an_error_never_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # neither bwrap nor unshare
-    sandbox._probe.cache_clear()
-    try:
-        with pytest.raises(SandboxUnavailable, match="bwrap: missing bwrap"):
-            resolve_isolation("auto")
-    finally:
-        sandbox._probe.cache_clear()
-
-
 def test_bad_arguments_name_what_was_expected() -> None:
     with pytest.raises(ValueError, match="isolation='docker'"):
         run_python("", isolation="docker")
@@ -228,3 +206,200 @@ def test_dirs_left_by_killed_runs_are_swept(host_tmp: Path, monkeypatch: pytest.
     monkeypatch.setattr(sandbox, "_last_sweep", 0.0)
     assert run_python("print(1)", timeout_s=20, isolation="none").stdout == "1\n"
     assert sorted(p.name for p in host_tmp.iterdir()) == ["assay-sbx-fresh"]
+
+
+# ---------------------------------------------------------------------------------------------- no silent downgrade
+
+OFFERED = [
+    pytest.param(m, marks=needs_bwrap) if m == "bwrap" else m for m in sandbox.ISOLATIONS if m != "auto"
+]
+
+
+@pytest.fixture
+def world_writable_dir() -> Iterator[Path]:
+    """A host dir anyone may write (mode 1777, like /tmp), holding a readable secret and a writable file:
+    file permissions allow every attack, so only the sandbox can stand in the way."""
+    path = Path(tempfile.mkdtemp(prefix="assay-test-host-", dir="/tmp"))
+    path.chmod(0o1777)
+    (path / "secret.txt").write_text("hunter2-secret")
+    (path / "secret.txt").chmod(0o644)
+    (path / "victim.txt").write_text("untouched")
+    (path / "victim.txt").chmod(0o666)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("mode", OFFERED)
+def test_every_offered_mode_holds_the_file_attacks_in_world_writable_host_dirs(
+    mode: str, world_writable_dir: Path
+) -> None:
+    host = world_writable_dir
+    mark = f"assay-planted-{uuid.uuid4().hex[:12]}"
+    shared = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)]  # world-writable on most hosts
+    code = (
+        "import json, os\n"
+        f"host, mark, shared = {str(host)!r}, {mark!r}, {shared!r}\n"
+        "attacks = {\n"
+        "    'read': lambda: open(os.path.join(host, 'secret.txt')).read(),\n"
+        "    'list': lambda: os.listdir(host),\n"
+        "    'create': lambda: open(os.path.join(host, mark), 'w').write('x'),\n"
+        "    'overwrite': lambda: open(os.path.join(host, 'victim.txt'), 'w').write('pwned'),\n"
+        "    'append': lambda: open(os.path.join(host, 'victim.txt'), 'a').write('pwned'),\n"
+        "    'mkdir': lambda: os.mkdir(os.path.join(host, mark + '.d')),\n"
+        "    'rename': lambda: os.rename(os.path.join(host, 'victim.txt'), os.path.join(host, mark + '.mv')),\n"
+        "}\n"
+        "out = {}\n"
+        "for name, attack in attacks.items():\n"
+        "    try:\n"
+        "        out[name] = repr(attack())[:80]\n"
+        "    except OSError as e:\n"
+        "        out[name] = 'refused: ' + type(e).__name__\n"
+        "for d in shared:  # the sandbox may have a private dir of that name: the host must not see it\n"
+        "    try:\n"
+        "        open(os.path.join(d, mark), 'w').write('x')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(json.dumps(out))\n"
+    )
+    result = run_python(code, timeout_s=20, isolation=mode)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert {k: v for k, v in outcome.items() if not v.startswith("refused")} == {}
+    assert sorted(p.name for p in host.iterdir()) == ["secret.txt", "victim.txt"]
+    assert (host / "victim.txt").read_text() == "untouched"
+    assert [d for d in shared if os.path.exists(os.path.join(d, mark))] == []
+
+
+@pytest.fixture
+def no_bwrap_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A PATH with every tool the sandbox uses but bubblewrap, as on a fresh machine."""
+    for tool in ("unshare", "prlimit", "setpriv"):
+        found = shutil.which(tool)
+        if found:
+            os.symlink(found, tmp_path / tool)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox._probe.cache_clear()
+    yield
+    sandbox._probe.cache_clear()  # the next caller probes with the real PATH again
+
+
+def _build_unit_tests() -> object:
+    from verifiers.unit_tests import UnitTestVerifier
+
+    return UnitTestVerifier()
+
+
+def _build_code_output() -> object:
+    from verifiers.code_output import CodeOutputVerifier
+
+    return CodeOutputVerifier()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: resolve_isolation("auto"),
+        lambda: resolve_isolation("bwrap"),
+        _build_unit_tests,
+        _build_code_output,
+    ],
+    ids=["auto", "bwrap", "unit_tests", "code_output"],
+)
+def test_without_bwrap_building_refuses_with_one_line_naming_the_fix(
+    build: Callable[[], object], no_bwrap_on_path: None
+) -> None:
+    with pytest.raises(SandboxUnavailable) as info:
+        build()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "bubblewrap" in message and "apt-get install bubblewrap" in message and "make install" in message
+
+
+def test_a_broken_bwrap_refuses_with_one_line_saying_why(no_bwrap_on_path: None) -> None:
+    bin_dir = os.environ["PATH"]  # the fixture's PATH: add a bwrap that fails as in a locked-down container
+    stub = Path(bin_dir) / "bwrap"
+    stub.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    stub.chmod(0o755)
+    with pytest.raises(SandboxUnavailable) as info:
+        resolve_isolation("auto")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "does not work here (exit 1: bwrap: No permissions to create new namespace)" in message
+
+
+@pytest.mark.parametrize("isolation", ["unshare", "none"])
+def test_weaker_modes_are_not_offered_to_configs(isolation: str) -> None:
+    from verifiers.code_output import CodeOutputVerifier
+    from verifiers.unit_tests import UnitTestVerifier
+
+    with pytest.raises(ValueError, match=f"isolation={isolation!r}"):
+        resolve_isolation(isolation)
+    with pytest.raises(ValueError, match=f"isolation={isolation!r}"):
+        UnitTestVerifier(isolation=isolation)
+    with pytest.raises(ValueError, match=f"isolation={isolation!r}"):
+        CodeOutputVerifier(isolation=isolation)
+
+
+# ---------------------------------------------------------------------------------------------- make install
+
+MAKE = shutil.which("make")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _make_sandbox_deps(
+    tmp_path: Path, *, uid: int, apt_ok: bool = True, sudo_ok: bool = False, bwrap: bool = False
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`make sandbox-deps` (what `make install` runs) with stub `id`, `apt-get` and `sudo` on PATH
+    (nothing is installed for real); returns the run and the commands the stubs saw."""
+    stubs, log = tmp_path / "stubs", tmp_path / "calls.log"
+    stubs.mkdir(parents=True)
+    ln = shutil.which("ln")
+    assert ln is not None
+    scripts = {
+        "id": f"echo {uid}",
+        # a successful install puts a bwrap on PATH, as apt would
+        "apt-get": f'echo "apt-get $*" >> {log}\n'
+        + (f'[ "$1" = install ] && {ln} -sf /bin/true {stubs}/bwrap\nexit 0' if apt_ok else "exit 100"),
+        "sudo": f'echo "sudo $*" >> {log}\n[ "$1" = -n ] && shift\n'
+        + ('[ "$1" = true ] && exit 0\nexec "$@"' if sudo_ok else "exit 1"),
+    }
+    if bwrap:
+        scripts["bwrap"] = "exit 0"
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {"PATH": str(stubs), "HOME": str(tmp_path)}
+    assert MAKE is not None
+    run = subprocess.run(
+        [MAKE, "-s", "--no-print-directory", "-C", str(REPO), "sandbox-deps"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return run, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_make_install_installs_bubblewrap_or_says_the_sandbox_will_refuse(tmp_path: Path) -> None:
+    present, calls = _make_sandbox_deps(tmp_path / "present", uid=1000, bwrap=True)
+    assert (present.returncode, present.stdout + present.stderr, calls) == (0, "", [])
+
+    root, calls = _make_sandbox_deps(tmp_path / "root", uid=0)
+    assert root.returncode == 0 and "WARNING" not in root.stderr
+    assert calls == ["apt-get update -qq", "apt-get install -y -qq bubblewrap"]
+
+    sudo, calls = _make_sandbox_deps(tmp_path / "sudo", uid=1000, sudo_ok=True)
+    assert sudo.returncode == 0 and "WARNING" not in sudo.stderr
+    assert [c for c in calls if c.startswith("apt-get")] == [
+        "apt-get update -qq",
+        "apt-get install -y -qq bubblewrap",
+    ]
+
+    no_sudo, _ = _make_sandbox_deps(tmp_path / "no_sudo", uid=1000)
+    apt_fails, _ = _make_sandbox_deps(tmp_path / "apt_fails", uid=0, apt_ok=False)
+    for failed in (no_sudo, apt_fails):
+        assert failed.returncode == 0  # the Python install goes on; the sandbox refuses later
+        warning = [line for line in failed.stderr.splitlines() if "WARNING" in line]
+        assert len(warning) == 1 and "bubblewrap" in warning[0] and "refuse" in warning[0], failed.stderr

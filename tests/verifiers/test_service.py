@@ -15,11 +15,11 @@ import pytest
 from tests.verifiers.plugins import PATH, start_server
 from verifiers import verifier_pb2 as pb
 from verifiers import verifier_pb2_grpc as pb_grpc
-from verifiers.base import Task, Verdict
+from verifiers.base import Task, Verdict, infra_error
 from verifiers.pool import VerifierPool
 from verifiers.service import RemoteVerifierPool, VerifierServiceError, serve, task_from_json, task_to_json
 
-ECHO, SLEEPY = f"{PATH}:EchoVerifier", f"{PATH}:SleepyVerifier"
+ECHO, SLEEPY, TEN_POINT = f"{PATH}:EchoVerifier", f"{PATH}:SleepyVerifier", f"{PATH}:TenPointVerifier"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,11 +39,12 @@ def client(server):
 
 def test_remote_score_matches_the_local_verdicts(client: RemoteVerifierPool) -> None:
     items = [("a", Task("1", "p", "a", ECHO)), ("b", Task("2", "p", "a", ECHO)), ("x", Task("3", "p", None, ECHO)),
-             ("hang", Task("4", "p", "", SLEEPY))]
+             ("hang", Task("4", "p", "", SLEEPY)), ("5", Task("5", "p", "", TEN_POINT))]
     assert client.score(items) == [
         Verdict(1.0, "echo", {"length": 1.0}), Verdict(0.0, "echo", {"length": 1.0}),
         Verdict(None, "no reference"),  # an unset `score` field comes back as None
-        Verdict(0.0, "timeout"),
+        infra_error("timeout", "timeout: verify ran past timeout_s=1"),
+        Verdict(5.0, "out of ten", outcome="fail"),  # the server's outcome (range 0-10) travels, not re-derived
     ]
 
 
