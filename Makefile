@@ -1,6 +1,6 @@
 # Assay: the two commands a fresh machine needs.
 #   make demo   -> create .venv, install everything for CPU, run the main job on the embedded default
-#   make test   -> create .venv, install everything for CPU (+ test deps), run the whole test suite
+#   make test   -> create .venv, install everything for CPU (+ test deps), build the docs (strict), run the whole test suite
 # Both install bubblewrap too (the unit_tests sandbox) where they can: see `sandbox-deps`.
 PY ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ export RAY_AUTH_MODE := disabled
 export VLLM_ENABLE_V1_MULTIPROCESSING := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sandbox-deps demo test lint bench clean
+.PHONY: install sandbox-deps demo test docs lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -49,7 +49,11 @@ demo: install
 	$(BIN)/assay demo
 
 test: install
+	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -m "not gpu" --durations=15 tests
+
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
 
 lint: install
 	$(BIN)/ruff check engine verifiers rollout learner tests bench

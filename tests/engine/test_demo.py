@@ -1,6 +1,6 @@
 """`assay demo` wired end to end (every stage for 2 steps), and stopping a supervised stage early.
 
-The demo's numbers come from the full run (README, "What the embedded default reaches"); this
+The demo's numbers come from the full run (docs/demo.md); this
 guards its plumbing: four stages in order, the flawed-teacher SFT starting from the clean SFT's
 export, and `report.json` shaped as documented.
 """

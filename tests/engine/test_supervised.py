@@ -54,7 +54,7 @@ def test_sft_lifts_heldout_accuracy(pipeline) -> None:
     pre, sft = pipeline
     before = read_metrics(pre.run_dir / "metrics.jsonl")[-1]["eval/accuracy"]
     after = read_metrics(sft.run_dir / "metrics.jsonl")[-1]["eval/accuracy"]
-    # Floor measured here: see README ("What the embedded default reaches").
+    # Floor measured here: see docs/demo.md.
     assert after >= ACCURACY_FLOOR
     assert after > before
 
