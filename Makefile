@@ -50,6 +50,7 @@ demo: install
 
 test: install
 	$(BIN)/mkdocs build --strict --quiet
+	$(BIN)/mypy engine verifiers rollout learner
 	$(BIN)/python -m pytest -m "not gpu" --durations=15 tests
 
 docs: install

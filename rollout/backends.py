@@ -157,10 +157,10 @@ class HFBackend:
             zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist(), strict=True)
         ):
             kept = row_tokens[:length]
-            text = cut_texts.get(row)
-            if text is None:
-                text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
-            completions.append(Completion(kept, row_logprobs[:length], text, "stop" if stop else "length"))
+            row_text = cut_texts.get(row)
+            if row_text is None:
+                row_text = str(self.tokenizer.decode(kept, skip_special_tokens=True))
+            completions.append(Completion(kept, row_logprobs[:length], row_text, "stop" if stop else "length"))
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def own_weights(self) -> None:
@@ -259,7 +259,7 @@ class VllmBackend:
         # token budget large enough for the longest prompt (vLLM's own setting for CPU MLA models).
         # The budget also covers the prefill of a whole rollout (max_num_seqs prompts of ~16 tokens)
         # in one step.
-        no_chunking = (
+        no_chunking: dict[str, Any] = (
             {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 16 * max_num_seqs)}
             if not torch.cuda.is_available()
             else {}
@@ -545,7 +545,7 @@ def load_in_place_cpu(model: Any, weights: Iterable[tuple[str, Tensor]], torch_l
     for module in model.modules():
         if isinstance(module, ParallelLMHead):
             if torch_linear:
-                module.cpu_linear = torch.nn.functional.linear
+                module.cpu_linear = torch.nn.functional.linear  # type: ignore[assignment]  # vLLM's hook slot
             else:
                 module.quant_method.process_weights_after_loading(module)
 
@@ -627,7 +627,7 @@ class WeightShares:
         # parameter -> its last two joins: (ids of the tensors, the tensors, their view). A reader
         # hands out the same view objects for a slot at every load (`mapped_bucket`), so alternating
         # slots hit this; checking a join afresh took ~20 us a parameter.
-        self.joins: dict[str, list[tuple[tuple[int, ...], list[Tensor], Tensor]]] = {}
+        self.joins: dict[str, list[tuple[tuple[int, ...], list[Tensor | None], Tensor]]] = {}
 
     def adopt(self, weights: dict[str, Tensor]) -> set[str]:
         """Point every parameter that `weights` can back (see the class) at them; own the rest again.

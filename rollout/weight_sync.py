@@ -424,7 +424,7 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        f.writelines(arrays)
+        f.writelines(arrays)  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _safetensors_header(mapped: mmap.mmap) -> tuple[int, dict[str, Any]]:
@@ -449,9 +449,9 @@ def mapped_bucket(path: Path) -> tuple[mmap.mmap, dict[str, Tensor]]:
         del _READ_MAPS[stale]
     cached = _READ_MAPS.get(key)
     if cached is not None and cached[:2] == (info.st_ino, info.st_size):
-        header_bytes, kept, views = cached[2:]
+        header_bytes, kept, kept_views = cached[2:]
         if kept[: len(header_bytes)] == header_bytes:  # the same layout, rewritten in place
-            return kept, dict(views)
+            return kept, dict(kept_views)
     with path.open("rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     base, header = _safetensors_header(mapped)

@@ -8,7 +8,6 @@ import torch
 
 from learner.algos import (
     ESTIMATORS,
-    clipped_value_loss,
     gae_advantages,
     group_advantages,
     masked_whiten,
@@ -95,18 +94,3 @@ def test_gae_estimator_whitens_and_needs_values() -> None:
     assert float(adv[mask != 0].mean()) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="learner.critic.enabled"):
         ESTIMATORS["gae"](rewards, mask, None, group_size=2)
-
-
-def test_clipped_value_loss_hand_derived() -> None:
-    values = torch.tensor([[0.5, 1.0]], requires_grad=True)
-    old, returns, mask = torch.tensor([[0.0, 0.9]]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)
-    loss, metrics = clipped_value_loss(values, old, returns, mask, clip=0.2, num_tokens=2)
-    # token 0: unclipped (0.5 - 1)^2 = 0.25, clipped 0 + 0.2 -> (0.2 - 1)^2 = 0.64 (the larger: taken)
-    # token 1: unclipped (1 - 0)^2 = 1, clipped 0.9 + 0.1 -> 1.0: equal, not "clipped more"
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
-    assert metrics["critic/clip_frac"] == pytest.approx(0.5)
-    loss.backward()
-    # token 0's loss is the clipped branch, flat in V there: no gradient; token 1: 0.5 * 2 * (1 - 0) / 2
-    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.5]]))
-    plain, _ = clipped_value_loss(values, old, returns, mask, clip=None, num_tokens=2)
-    assert plain.item() == pytest.approx(0.5 * (0.25 + 1.0) / 2)

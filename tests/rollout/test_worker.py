@@ -3,6 +3,8 @@ prompt tokenization, in-place weight loads. (The vLLM backend is tested in a Ray
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine.data import encode_prompt
@@ -114,7 +116,9 @@ def test_prompt_errors_name_the_task(worker):
 
 def test_load_weights_serves_the_new_version(worker, model_dir):
     state = perturbed_state(model_dir)
-    assert worker.load_weights(state, version=5) >= 0
+    started = time.perf_counter()
+    took = worker.load_weights(state, version=5)
+    assert 0 < took < time.perf_counter() - started  # the load's own seconds, inside the call's
     assert worker.version == 5
     for r in worker.generate(make_tasks(), n=1, sampling=GREEDY):
         assert r.weight_version == 5
