@@ -24,6 +24,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.collectors import COLLECTORS
+from engine.layouts import LAYOUTS
 from engine.models import ModelConfig
 from engine.tasks import TaskConfig
 from learner.algos import ESTIMATORS, LOSSES
@@ -81,8 +83,9 @@ class RLConfig:
     overlong_penalty: float = 1.0
     """The penalty at `rollout.max_tokens` (see `overlong_buffer`)."""
     collector: str = "tasks"
-    """What a step trains on (`engine.rl.COLLECTORS`): `tasks` (groups of G responses to tasks from the
-    task source) or `selfplay` (the policy proposes tasks and solves them, `engine.selfplay`)."""
+    """What a step trains on (`engine.collectors.COLLECTORS`): `tasks` (groups of G responses to tasks from
+    the task source), `selfplay` (the policy proposes tasks and solves them, `engine.selfplay`), or a
+    `module:Class` path to a collector of one's own (`engine.collector_base.Collector`)."""
     max_staleness: int = 0
     """Async rollout: the rollout of step j may run while the learner still trains up to `max_staleness`
     earlier steps, so samples come from weights at most that many versions old (0: synchronous,
@@ -182,10 +185,12 @@ class AssayConfig:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "stage": ("pretrain", "sft", "rl"),
     "rl.advantage": tuple(ESTIMATORS),
-    "rl.collector": ("tasks", "selfplay"),
+    "rl.collector": tuple(COLLECTORS),
     "learner.loss": tuple(LOSSES),
-    "cluster.placement": ("colocated", "split"),
+    "cluster.placement": tuple(LAYOUTS),
 }
+# Choices that also take a `module:Class` path to a user's plug-in (checked when the stage loads it).
+PLUGIN_PATHS = ("rl.collector",)
 # Fields that must be positive integers.
 POSITIVE = ("steps", "seq_len", "max_len", "corpus_docs", "log_every", "keep_checkpoints", "cluster.learners",
             "rl.prompts_per_step", "rl.verifier_actors", "rl.max_sample_rounds", "learner.batch_size", "learner.micro_batch_size",
@@ -224,8 +229,9 @@ def validate(cfg: AssayConfig) -> None:
     """Check values that types alone cannot: closed choices and positive counts."""
     for key, allowed in CHOICES.items():
         value = _lookup(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {', '.join(map(str, allowed))}")
+        if value not in allowed and not (key in PLUGIN_PATHS and ":" in value):
+            raise ConfigError(f"{key}={value!r} is not allowed; expected one of {', '.join(map(str, allowed))}"
+                              + (" or a 'module:Class' path" if key in PLUGIN_PATHS else ""))
     for key in POSITIVE:
         value = _lookup(cfg, key)
         if not isinstance(value, int) or value <= 0:
@@ -257,6 +263,8 @@ def validate(cfg: AssayConfig) -> None:
         raise ConfigError(f"rl.max_staleness={cfg.rl.max_staleness}: expected 0 (synchronous) or a positive number "
                           "of versions together with learner.tis_cap (e.g. 2.0), which importance-corrects the "
                           "samples of older weights")
+    if cfg.learner.old_logprobs == "auto":  # resolved here, the one place that sees sampler and learner
+        cfg.learner.old_logprobs = "rollout" if sampler_logprobs_exact(cfg) else "learner"
     if cfg.learner.old_logprobs == "rollout" and (cfg.rl.max_staleness > 0 or cfg.learner.tis_cap is not None):
         raise ConfigError("learner.old_logprobs=rollout takes pi_old from the sampler, which is right only for "
                           "on-policy samples: not with rl.max_staleness > 0 or learner.tis_cap (which corrects "
@@ -267,6 +275,17 @@ def validate(cfg: AssayConfig) -> None:
         validate_learner(cfg.learner, cfg.cluster.learners)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+# learner.precision -> the rollout.dtype that samples in the same precision
+SAME_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def sampler_logprobs_exact(cfg: AssayConfig) -> bool:
+    """True when the rollout's logprobs are pi_old itself: synchronous (each step samples from the weights
+    it trains), no importance correction, and the sampler computing in the learner's precision."""
+    return (cfg.rl.max_staleness == 0 and cfg.learner.tis_cap is None
+            and SAME_PRECISION.get(cfg.learner.precision) == cfg.rollout.dtype)
 
 
 def to_yaml(cfg: AssayConfig) -> str:

@@ -1,8 +1,9 @@
 """What every stage's run shares: its directory, the starting model, resume, checkpoints, the export.
 
 A run lives in `runs/<name>/<stage>/`: `config.yaml` (resolved), `metrics.jsonl`, `tb/`,
-`checkpoints/step_N/` (atomic; learner state + `state.json` with the step, the task-source position
-and the driver RNG) and `final/` (the same plus `final/hf`, the HF export later stages and users load).
+`checkpoints/step_N/` (atomic; learner state + `state.json` with the step, the task-source position,
+the driver RNG and, in the RL stage, the collector's state) and `final/` (the same plus `final/hf`, the
+HF export later stages and users load).
 """
 
 from __future__ import annotations
@@ -178,8 +179,21 @@ def starting_model(cfg: AssayConfig, source: TaskSource) -> Path:
     return prepare_model_dir(cfg.model, source.corpus(cfg.corpus_docs), Path(cfg.runs_dir) / cfg.name / "model")
 
 
-def resume(resume_from: Path, learner: Any, source: TaskSource) -> int:
-    """Restore the learner, the task stream and the driver RNG; return the step to continue from."""
+class SourceAt:
+    """The RL stage's data side right after a step's data was drawn — the task stream's position and the
+    collector's state — which that step's checkpoint records, although the rollout thread may have drawn
+    later steps' already. Stands in for the task source in `save_step`, `finish_step` and `export_final`."""
+
+    def __init__(self, state: dict[str, Any], collector: dict[str, Any]) -> None:
+        self.state, self.collector = state, collector
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def resume(resume_from: Path, learner: Any, source: TaskSource, collector: Any = None) -> int:
+    """Restore the learner, the task stream, the RL stage's collector and the driver RNG; return the
+    step to continue from."""
     state = checkpoint.read_state(resume_from)
     try:
         learner.load(str(resume_from / "learner"))
@@ -189,12 +203,14 @@ def resume(resume_from: Path, learner: Any, source: TaskSource) -> int:
         raise checkpoint.CheckpointError(f"cannot load checkpoint {resume_from / 'learner'}: "
                                          f"{type(cause).__name__}: {text}") from err
     source.load_state_dict(state["task_source"])
+    if collector is not None and "collector" in state:  # (a checkpoint from before collectors kept state has none)
+        collector.load_state_dict(state["collector"])
     checkpoint.set_rng_state(state["rng"])
     print(f"[assay] resumed from {resume_from} (step {state['step']})")
     return int(state["step"])
 
 
-def save_step(run_dir: Path, learner: Any, source: TaskSource, step: int, keep: int) -> Path:
+def save_step(run_dir: Path, learner: Any, source: TaskSource | SourceAt, step: int, keep: int) -> Path:
     """An atomic step checkpoint; older ones beyond `keep` are pruned."""
     checkpoints = run_dir / "checkpoints"
     path = checkpoint.write_atomic(checkpoint.step_dir(checkpoints, step),
@@ -204,7 +220,7 @@ def save_step(run_dir: Path, learner: Any, source: TaskSource, step: int, keep: 
 
 
 def finish_step(done: int, cfg: AssayConfig, metrics: dict[str, float], evaluate: Callable[[], dict[str, float]],
-                sink: MetricsSink, run_dir: Path, learner: Any, source: TaskSource) -> None:
+                sink: MetricsSink, run_dir: Path, learner: Any, source: TaskSource | SourceAt) -> None:
     """The end of every stage's step `done` (1-based): evaluate, log and checkpoint when due."""
     if done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0:
         metrics.update(evaluate())
@@ -215,13 +231,15 @@ def finish_step(done: int, cfg: AssayConfig, metrics: dict[str, float], evaluate
     sink.advance()
 
 
-def export_final(run_dir: Path, learner: Any, source: TaskSource, step: int) -> Path:
+def export_final(run_dir: Path, learner: Any, source: TaskSource | SourceAt, step: int) -> Path:
     """The final checkpoint (`final/`, with `final/hf`); returns the HF export's path."""
     final = checkpoint.write_atomic(run_dir / "final", lambda tmp: _write(tmp, tmp, learner, source, step))
     return final / "hf"
 
 
-def _write(learner_dir: Path, state_dir: Path, learner: Any, source: TaskSource, step: int) -> None:
+def _write(learner_dir: Path, state_dir: Path, learner: Any, source: TaskSource | SourceAt, step: int) -> None:
     learner.save(str(learner_dir))
-    checkpoint.write_state(state_dir, {"step": step, "task_source": source.state_dict(),
-                                       "rng": checkpoint.rng_state()})
+    state = {"step": step, "task_source": source.state_dict(), "rng": checkpoint.rng_state()}
+    if isinstance(source, SourceAt):
+        state["collector"] = source.collector
+    checkpoint.write_state(state_dir, state)

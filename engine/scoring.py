@@ -19,8 +19,6 @@ import os
 from collections import Counter
 from typing import Any
 
-import ray
-
 from verifiers import Task, Verdict
 from verifiers.config import VerifierConfig
 from verifiers.pool import VerifierPool
@@ -51,8 +49,9 @@ def build_pool(cfg: VerifierConfig, log_path: str | os.PathLike[str] | None = No
                         log_path=log_path)
 
 
-@ray.remote(num_cpus=0)
 class VerifierPoolActor:
+    """A Ray actor (`start_verifier_actors` makes it one) holding one pool."""
+
     def __init__(self, cfg: VerifierConfig, log_path: str | None = None) -> None:
         self.pool = build_pool(cfg, log_path)
 
@@ -70,12 +69,17 @@ def start_verifier_actors(cfg: VerifierConfig, count: int = 1,
                           log_path: str | os.PathLike[str] | None = None) -> list[Any]:
     """`count` pool actors, each with its own `cfg.workers` process workers; all of them append what
     their verifiers print to `log_path` (the run directory's `verifier.log`), one block per item."""
+    import ray  # here, not at the top: collectors import this module, and engine.config imports their table
+
     path = os.fspath(log_path) if log_path is not None else None
-    return [VerifierPoolActor.remote(cfg, path) for _ in range(count)]  # type: ignore[attr-defined]
+    actor = ray.remote(num_cpus=0)(VerifierPoolActor)
+    return [actor.remote(cfg, path) for _ in range(count)]
 
 
 def score_on_actors(actors: list[Any], items: list[tuple[str, Task]]) -> list[Verdict]:
     """Contiguous shards of `items`, one per actor, scored concurrently; verdicts in input order."""
+    import ray
+
     if not items:
         return []
     size = -(-len(items) // len(actors))  # ceil

@@ -25,10 +25,9 @@ the end). Where it departs from the paper: one task type (deduction) instead of 
 programs beyond code_reasoning's, and GRPO-style groups (G proposals of one prompt) rather than the
 paper's task-relative REINFORCE++ baselines.
 
-The buffer is the collector's state (kept per task-source object, not in the source's `state_dict`):
-it starts with `selfplay.seed_tasks` deduction tasks of `task.source` and grows with every valid
-proposal. After each step it is written to `<run>/selfplay/buffer-<step>.json`; a resumed run loads the
-snapshot of the step it resumes at (exact resume), or starts a fresh buffer when there is none.
+The buffer is the collector's state (`SelfPlayCollector.state_dict`, which every checkpoint records next
+to the task stream's position): it starts with `selfplay.seed_tasks` deduction tasks of `task.source` and
+grows with every valid proposal; a resumed run continues from the checkpoint's buffer (exact resume).
 
 `SelfPlaySource` (`task.source=engine.selfplay:SelfPlaySource`) is code_reasoning plus proposer-format
 demonstrations, for the pretrain and SFT stages: the proposer format has to be learnt somewhere.
@@ -41,17 +40,22 @@ import json
 import random
 import re
 import time
-import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.config import AssayConfig
+from engine.collector_base import (
+    CollectorContext,
+    rollout_metrics,
+    sample_seed,
+    score,
+    shaped,
+    whole_minibatch_groups,
+)
 from engine.contamination import flag_contaminated
-from engine.rl import _seed, rollout_metrics, score, shaped, whole_minibatch_groups
 from engine.scoring import step_verifier_metrics
 from engine.tasks.base import TaskConfig
 from engine.tasks.code_reasoning import ENTRY_POINT, CodeReasoningSource, deduction_prompt
@@ -230,83 +234,115 @@ def learnability(solve_rates: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- the collector
 
 
-class SelfPlayState:
-    """What the collector keeps between steps of one run: the buffer and the eval prompts."""
+class SelfPlayCollector:
+    """`rl.collector=selfplay`: each step's proposer and solver groups (module docstring). Its state is
+    the task buffer, seeded from the task source at the first step unless a checkpoint's was loaded."""
 
-    def __init__(self, cfg: AssayConfig, eval_tasks: list[Task]) -> None:
-        sp = cfg.selfplay
+    def __init__(self, ctx: CollectorContext) -> None:
+        sp = ctx.cfg.selfplay
+        if not 0 < sp.proposer_prompts < ctx.cfg.rl.prompts_per_step:
+            raise ValueError(f"selfplay.proposer_prompts={sp.proposer_prompts}: expected 1 .. rl.prompts_per_step - 1 "
+                             f"= {ctx.cfg.rl.prompts_per_step - 1} (the other groups of a step are solver groups)")
+        self.ctx = ctx
         self.buffer = TaskBuffer(sp.buffer_size, sp.near_duplicate)
-        self.eval_tasks = eval_tasks
+        self.started = False  # the buffer was seeded or loaded
         self.limits = Limits(timeout_s=sp.timeout_s, memory_mb=256, max_output_bytes=1 << 16)
-        self.isolation = resolve_isolation(cfg.task.code_reasoning.isolation)
+        self.isolation = resolve_isolation(ctx.cfg.task.code_reasoning.isolation)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": [asdict(t) for t in self.buffer.tasks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sp = self.ctx.cfg.selfplay
+        self.buffer = TaskBuffer(sp.buffer_size, sp.near_duplicate)
+        for row in state["buffer"]:
+            self.buffer.add(CodeTask(**row))
+        self.started = True
+
+    def finish(self, run_dir: Path) -> None:
+        """Once the stage's last step is logged: the final `selfplay.png`. (`collect` refreshes the plot
+        every step, but the last step's metrics and final evaluation come after.)"""
+        write_plot(run_dir)
 
     def add(self, tasks: list[CodeTask], n: int) -> list[bool]:
         """Put `tasks` into the buffer unless they share an n-gram of `n` tokens with an eval prompt;
         returns which were flagged (and dropped)."""
-        flagged = set(flag_contaminated([t.task("") for t in tasks], self.eval_tasks, n)) if tasks else set()
+        flagged = set(flag_contaminated([t.task("") for t in tasks], self.ctx.eval_tasks, n)) if tasks else set()
         for i, task in enumerate(tasks):
             if i not in flagged:
                 self.buffer.add(task)
         return [i in flagged for i in range(len(tasks))]
 
+    def collect(self, step: int) -> tuple[list[Response], torch.Tensor, dict[str, float]]:
+        """One self-play step's groups (proposer groups, then solver groups), rewards `(P, G)` and metrics."""
+        cfg, rollout, buffer = self.ctx.cfg, self.ctx.rollout, self.buffer
+        sp, n = cfg.selfplay, cfg.rollout.n
+        if not self.started:
+            self.seed_buffer(step)
+        t0 = time.perf_counter()
+        rngs = [random.Random(f"selfplay:{cfg.seed}:{step}:{i}") for i in range(sp.proposer_prompts + 1)]
+        prompts = [Task(id=f"selfplay-propose-{step}-{i}", prompt=proposer_prompt(buffer.sample(rng, sp.examples)),
+                        reference=None, verifier="code_output", meta={"mode": "proposal"})
+                   for i, rng in enumerate(rngs[:-1])]
+        proposals = rollout.generate(prompts, n, sampling_from_config(cfg.rollout, seed=sample_seed(cfg.seed, step)))
+        t1 = time.perf_counter()
+        checked = check_proposals([r.text for r in proposals], buffer, self.limits, self.isolation,
+                                  sp.max_output_chars)
+        valid = [(i, task) for i, (task, _) in enumerate(checked) if task is not None]
+        flagged = self.add([task for _, task in valid], sp.contamination_n)
+        reasons = [reason for _, reason in checked]
+        for (i, _), dropped in zip(valid, flagged):
+            if dropped:
+                reasons[i] = "contaminated"
+        fresh = [(i, task) for (i, task), dropped in zip(valid, flagged) if not dropped]
+        t2 = time.perf_counter()
 
-_STATES: weakref.WeakKeyDictionary[Any, SelfPlayState] = weakref.WeakKeyDictionary()
+        replays = rngs[-1].sample(buffer.tasks[:len(buffer) - len(fresh)],
+                                  max(0, min(cfg.rl.prompts_per_step - sp.proposer_prompts - len(fresh),
+                                             len(buffer) - len(fresh))))
+        solver_tasks = [task.task(f"selfplay-solve-{step}-{j}") for j, task in enumerate([t for _, t in fresh] + replays)]
+        answers = rollout.generate(solver_tasks, n, sampling_from_config(cfg.rollout, seed=sample_seed(cfg.seed, step, 1)))
+        t3 = time.perf_counter()
+        solved, judged = score(self.ctx.scorers, solver_tasks, answers, n)  # (S, G), NaN: not judged (an infra error)
+        rates = solved.nanmean(1)  # (S,)
+        proposer = torch.full((len(proposals),), sp.invalid_reward)  # (P_prop * G,)
+        for j, (i, _) in enumerate(fresh):
+            proposer[i] = learnability(rates[j])
+        rewards = torch.cat([shaped(proposer.view(len(prompts), n), proposals, cfg), shaped(solved, answers, cfg)])
+        responses = proposals + answers
+        metrics = _metrics(reasons, [t for _, t in fresh], proposer, rates, len(fresh), buffer, responses, rewards, n,
+                           len(prompts))
+        metrics.update({"perf/rollout_s": (t1 - t0) + (t3 - t2), "perf/selfplay_check_s": t2 - t1,
+                        "perf/verify_s": time.perf_counter() - t3})
+        metrics.update(step_verifier_metrics(judged, step + 1, cfg.verifier.max_infra_error_frac))  # may stop the run
 
+        usable = whole_minibatch_groups(min(len(prompts) + len(solver_tasks), cfg.rl.prompts_per_step), n,
+                                        cfg.learner.batch_size)
+        metrics["selfplay/trained_groups"] = float(usable)
+        write_plot(self.ctx.run_dir)
+        return responses[:usable * n], rewards[:usable], metrics
 
-def collect(source: Any, rollout: Any, scorers: list[Any], cfg: AssayConfig,
-            step: int) -> tuple[list[Response], torch.Tensor, dict[str, float]]:
-    """One self-play step's groups (proposer groups, then solver groups), rewards `(P, G)` and metrics."""
-    sp, n = cfg.selfplay, cfg.rollout.n
-    state = _STATES.get(source)
-    if state is None:
-        state = _STATES[source] = _start(source, cfg, step)
-    t0 = time.perf_counter()
-    rngs = [random.Random(f"selfplay:{cfg.seed}:{step}:{i}") for i in range(sp.proposer_prompts + 1)]
-    prompts = [Task(id=f"selfplay-propose-{step}-{i}", prompt=proposer_prompt(state.buffer.sample(rng, sp.examples)),
-                    reference=None, verifier="code_output", meta={"mode": "proposal"})
-               for i, rng in enumerate(rngs[:-1])]
-    proposals = rollout.generate(prompts, n, sampling_from_config(cfg.rollout, seed=_seed(cfg, step)))
-    t1 = time.perf_counter()
-    checked = check_proposals([r.text for r in proposals], state.buffer, state.limits, state.isolation,
-                              sp.max_output_chars)
-    valid = [(i, task) for i, (task, _) in enumerate(checked) if task is not None]
-    flagged = state.add([task for _, task in valid], sp.contamination_n)
-    reasons = [reason for _, reason in checked]
-    for (i, _), dropped in zip(valid, flagged):
-        if dropped:
-            reasons[i] = "contaminated"
-    fresh = [(i, task) for (i, task), dropped in zip(valid, flagged) if not dropped]
-    t2 = time.perf_counter()
-
-    replays = rngs[-1].sample(state.buffer.tasks[:len(state.buffer) - len(fresh)],
-                              max(0, min(cfg.rl.prompts_per_step - sp.proposer_prompts - len(fresh),
-                                         len(state.buffer) - len(fresh))))
-    solver_tasks = [task.task(f"selfplay-solve-{step}-{j}") for j, task in enumerate([t for _, t in fresh] + replays)]
-    answers = rollout.generate(solver_tasks, n, sampling_from_config(cfg.rollout, seed=_seed(cfg, step) + 7_919_000))
-    t3 = time.perf_counter()
-    solved, judged = score(scorers, solver_tasks, answers, n)  # (S, G), NaN: not judged (an infra error)
-    rates = solved.nanmean(1)  # (S,)
-    proposer = torch.full((len(proposals),), sp.invalid_reward)  # (P_prop * G,)
-    for j, (i, _) in enumerate(fresh):
-        proposer[i] = learnability(rates[j])
-    rewards = torch.cat([shaped(proposer.view(len(prompts), n), proposals, cfg), shaped(solved, answers, cfg)])
-    responses = proposals + answers
-    metrics = _metrics(reasons, [t for _, t in fresh], proposer, rates, len(fresh), state, responses, rewards, n,
-                       len(prompts))
-    metrics.update({"perf/rollout_s": (t1 - t0) + (t3 - t2), "perf/selfplay_check_s": t2 - t1,
-                    "perf/verify_s": time.perf_counter() - t3})
-    metrics.update(step_verifier_metrics(judged, step + 1, cfg.verifier.max_infra_error_frac))  # may stop the run
-
-    usable = whole_minibatch_groups(min(len(prompts) + len(solver_tasks), cfg.rl.prompts_per_step), n,
-                                    cfg.learner.batch_size)
-    metrics["selfplay/trained_groups"] = float(usable)
-    _snapshot(state, cfg, step + 1)
-    write_plot(_run_dir(cfg))
-    return responses[:usable * n], rewards[:usable], metrics
+    def seed_buffer(self, step: int) -> None:
+        """Start the buffer with deduction tasks of the task source (at step `step` > 0: a run resumed from
+        a checkpoint without the collector's state, which says so)."""
+        cfg, sp = self.ctx.cfg, self.ctx.cfg.selfplay
+        if step:
+            print(f"[assay] selfplay: the checkpoint resumed at step {step} holds no task buffer; starting a fresh one")
+        seeds: list[CodeTask] = []
+        for _ in range(8):  # a source that mixes in other tasks (SelfPlaySource) needs more draws
+            seeds += [_code_task(t) for t in self.ctx.source.sample(sp.seed_tasks) if t.meta.get("mode") == "deduction"]
+            if len(seeds) >= sp.seed_tasks:
+                break
+        if not seeds:
+            raise ValueError(f"rl.collector=selfplay: task.source={cfg.task.source!r} yielded no code_reasoning "
+                             "deduction tasks to seed the buffer (use code_reasoning with 'deduction' in its modes)")
+        seeds = seeds[:sp.seed_tasks]
+        self.add([t for i, t in enumerate(seeds) if not self.buffer.duplicate(t, seeds[:i])], sp.contamination_n)
+        self.started = True
 
 
 def _metrics(reasons: list[str], fresh: list[CodeTask], proposer: torch.Tensor, rates: torch.Tensor, n_fresh: int,
-             state: SelfPlayState, responses: list[Response], rewards: torch.Tensor, n: int,
+             buffer: TaskBuffer, responses: list[Response], rewards: torch.Tensor, n: int,
              proposer_groups: int) -> dict[str, float]:
     """The step's `selfplay/*` metrics, plus the rollout metrics of its solver groups."""
     split = proposer_groups * n
@@ -314,9 +350,9 @@ def _metrics(reasons: list[str], fresh: list[CodeTask], proposer: torch.Tensor, 
     metrics.update({f"selfplay/invalid_{r}": float(reasons.count(r)) for r in REASONS})
     metrics.update({"selfplay/valid_frac": sum(not r for r in reasons) / len(reasons),
                     "selfplay/contaminated_dropped": float(reasons.count("contaminated")),
-                    "selfplay/proposer_reward": float(proposer.nanmean()), "selfplay/buffer": float(len(state.buffer)),
-                    "selfplay/buffer_difficulty": sum(map(difficulty, (t.program for t in state.buffer.tasks)))
-                    / max(len(state.buffer), 1)})
+                    "selfplay/proposer_reward": float(proposer.nanmean()), "selfplay/buffer": float(len(buffer)),
+                    "selfplay/buffer_difficulty": sum(map(difficulty, (t.program for t in buffer.tasks)))
+                    / max(len(buffer), 1)})
     if fresh:  # absent in a step without valid proposals (a gap in the curves, not a zero)
         metrics.update({"selfplay/solve_rate": float(rates[:n_fresh].nanmean()),
                         "selfplay/learnability": float(learnability(rates[:n_fresh]).nanmean()),
@@ -324,53 +360,6 @@ def _metrics(reasons: list[str], fresh: list[CodeTask], proposer: torch.Tensor, 
     if len(rates) > n_fresh:
         metrics["selfplay/replay_solve_rate"] = float(rates[n_fresh:].nanmean())
     return metrics
-
-
-def _start(source: Any, cfg: AssayConfig, step: int) -> SelfPlayState:
-    """The state of a run whose first collected step is `step`: its snapshot when resuming, else a
-    buffer seeded with deduction tasks of `source`."""
-    sp = cfg.selfplay
-    if not 0 < sp.proposer_prompts < cfg.rl.prompts_per_step:
-        raise ValueError(f"selfplay.proposer_prompts={sp.proposer_prompts}: expected 1 .. rl.prompts_per_step - 1 "
-                         f"= {cfg.rl.prompts_per_step - 1} (the other groups of a step are solver groups)")
-    state = SelfPlayState(cfg, source.eval_tasks(cfg.task.eval_size))
-    snapshot = _run_dir(cfg) / "selfplay" / f"buffer-{step}.json"
-    if step and snapshot.exists():
-        for row in json.loads(snapshot.read_text()):
-            state.buffer.add(CodeTask(**row))
-        return state
-    if step:
-        print(f"[assay] selfplay: no buffer snapshot {snapshot}; starting a fresh buffer")
-    seeds: list[CodeTask] = []
-    for _ in range(8):  # a source that mixes in other tasks (SelfPlaySource) needs more draws
-        seeds += [_code_task(t) for t in source.sample(sp.seed_tasks) if t.meta.get("mode") == "deduction"]
-        if len(seeds) >= sp.seed_tasks:
-            break
-    if not seeds:
-        raise ValueError(f"rl.collector=selfplay: task.source={cfg.task.source!r} yielded no code_reasoning "
-                         "deduction tasks to seed the buffer (use code_reasoning with 'deduction' in its modes)")
-    seeds = seeds[:sp.seed_tasks]
-    state.add([t for i, t in enumerate(seeds) if not state.buffer.duplicate(t, seeds[:i])], sp.contamination_n)
-    return state
-
-
-def _run_dir(cfg: AssayConfig) -> Path:
-    return Path(cfg.runs_dir) / cfg.name / (cfg.stage_dir or cfg.stage)
-
-
-def _snapshot(state: SelfPlayState, cfg: AssayConfig, step: int) -> None:
-    """Write the buffer as it is before step `step` (1-based: after `step` steps); keep the snapshots of
-    checkpoint steps and the newest two."""
-    folder = _run_dir(cfg) / "selfplay"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".buffer-{step}.json.tmp"
-    tmp.write_text(json.dumps([t.__dict__ for t in state.buffer.tasks]))
-    tmp.rename(folder / f"buffer-{step}.json")
-    for old in folder.glob("buffer-*.json"):
-        s = int(old.stem.split("-")[1])
-        if s < step - 1 and not (cfg.save_every and s % cfg.save_every == 0
-                                 and s > step - cfg.save_every * (cfg.keep_checkpoints + 1)):
-            old.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- the report
@@ -481,8 +470,3 @@ def _code_task(task: Task) -> CodeTask:
     """A code_reasoning task's program (normalised as proposals are), first input and first output."""
     return CodeTask(ast.unparse(ast.parse(task.meta["program"])), task.meta["inputs"][0], task.meta["outputs"][0])
 
-
-def finish(run_dir: Path) -> None:
-    """The end of a self-play RL stage, once its last step is logged: the final `selfplay.png`. (The
-    collector refreshes the plot every step, but the last step's metrics and final evaluation come after.)"""
-    write_plot(run_dir)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine import errors, stopping
+from engine.collector_base import eval_seed
 from engine.config import AssayConfig
 from engine.data import encode_response, pack_pretrain, sft_batch
 from engine.evaluate import heldout_accuracy
@@ -108,4 +109,4 @@ def _evaluate(group: LearnerGroup, model_dir: Path, tokenizer: Any, source: Task
               samples: int = 0) -> dict[str, float]:
     tasks = source.eval_tasks(cfg.task.eval_size)
     return heldout_accuracy(model_dir, group.state_dict_for_rollout(), tokenizer, tasks, max_new_tokens=cfg.max_len,
-                            samples=samples, seed=cfg.seed + 7919)
+                            samples=samples, seed=eval_seed(cfg.seed))

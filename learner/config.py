@@ -18,6 +18,7 @@ from learner.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
+OLD_LOGPROBS = ("auto", "learner", "rollout")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -122,10 +123,14 @@ class LearnerConfig:
     """RL: K, the number of sweeps over one step's batch; each sweep takes one optimizer step per
     minibatch of `batch_size` sequences, in the same order every epoch."""
 
-    old_logprobs: str = "learner"
+    old_logprobs: str = "auto"
     """RL: where pi_old, the PPO ratio's denominator, comes from: `learner` (a forward pass of the
-    current weights over the step's batch before the first update, as verl and TRL compute it) or
-    `rollout` (the sampler's own logprobs of its tokens, skipping that pass). `rollout` is exact only
+    current weights over the step's batch before the first update, as verl and TRL compute it),
+    `rollout` (the sampler's own logprobs of its tokens, skipping that pass), or `auto`: `rollout` where
+    that is exact, else `learner`. The engine resolves `auto` when it composes the config, because only
+    it knows the sampler: exact means synchronous (`rl.max_staleness=0`, no `tis_cap`) with the rollout
+    in the learner's precision (`rollout.dtype` float32 with `precision` fp32, bfloat16 with bf16). A
+    LearnerConfig used without the engine treats `auto` as `learner`. `rollout` is exact only
     when the sampler served these very weights in the learner's precision (the synchronous loop in
     fp32: vLLM and the learner agree to ~1e-6 here); `learner/logprob_diff` is then measured on the
     first minibatch's training forward instead."""
@@ -243,5 +248,5 @@ def validate_rl(cfg: LearnerConfig) -> None:
         raise ValueError(f"LearnerConfig.ppo_epochs: expected >= 1, got {cfg.ppo_epochs}")
     if cfg.tis_cap is not None and cfg.tis_cap <= 0:
         raise ValueError(f"LearnerConfig.tis_cap: expected a positive cap or None, got {cfg.tis_cap}")
-    if cfg.old_logprobs not in ("learner", "rollout"):
-        raise ValueError(f"LearnerConfig.old_logprobs: expected 'learner' or 'rollout', got {cfg.old_logprobs!r}")
+    if cfg.old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"LearnerConfig.old_logprobs: expected one of {OLD_LOGPROBS}, got {cfg.old_logprobs!r}")

@@ -14,13 +14,13 @@ A loaded class is built with `Class.from_config(cfg: TaskConfig, seed: int)`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from verifiers.base import Task
+from verifiers.registry import LoadError, load_object
 
 ENTRY_POINT_GROUP = "assay.tasks"
 # Task field -> column name of a task file; "" = the file has no such column.
@@ -342,13 +342,10 @@ def load_task_source(name_or_path: str, cfg: TaskConfig, seed: int) -> TaskSourc
 
 def _resolve(name_or_path: str) -> type:
     if ":" in name_or_path:
-        module_name, _, attr = name_or_path.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"task.source={name_or_path!r}: cannot load {attr!r} from {module_name!r}: {err}"
-            )
+            return load_object(name_or_path)  # type: ignore[no-any-return]
+        except LoadError as err:
+            raise ValueError(f"task.source={name_or_path!r}: {err}") from err
     found = entry_points(group=ENTRY_POINT_GROUP).select(name=name_or_path)
     for ep in found:
         return ep.load()  # type: ignore[no-any-return]

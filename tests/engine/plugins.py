@@ -11,7 +11,9 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from rollout.types import Response
 from verifiers.base import Task, Verdict
 
 PATH = "tests.engine.plugins"
@@ -99,3 +101,39 @@ def write_doubling_prompts(path: Path, count: int = 40) -> Path:
     path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?\n", "answer": str(2 * i),
                                         "response": f"Answer: {2 * i}"}) + "\n" for i in range(count)))
     return path
+
+
+class FirstTaskCollector:
+    """A collector loaded as `rl.collector=tests.engine.plugins:FirstTaskCollector`: each step, one group of
+    G copies of the step's first task's answer, each rewarded 1.0; its state is how many steps it collected,
+    and `finish` writes that count to `<run>/first_task.txt`."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx, self.collected = ctx, 0
+
+    def collect(self, step: int) -> tuple[list[Response], Any, dict[str, float]]:
+        import torch  # here: the pool's process workers import this module
+
+        n, task = self.ctx.cfg.rollout.n, self.ctx.source.sample(1)[0]
+        responses = [Response(task.id, [1], [2], [-0.5], str(task.reference), "stop", step) for _ in range(n)]
+        self.collected += 1
+        return responses, torch.ones(1, n), {"test/collected": float(self.collected)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"collected": self.collected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.collected = state["collected"]
+
+    def finish(self, run_dir: Path) -> None:
+        (run_dir / "first_task.txt").write_text(str(self.collected))
+
+
+class NotACollector:
+    """Has `collect` but none of the state methods: refused when loaded as a collector."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def collect(self, step: int) -> None:
+        return None

@@ -13,8 +13,10 @@ from learner.config import LearnerConfig
 def test_defaults_come_from_the_dataclasses() -> None:
     cfg = compose_config([])
     assert isinstance(cfg, AssayConfig)
-    # everything but what the default algo choice (configs/algo/grpo.yaml) sets
-    assert cfg.learner == replace(LearnerConfig(), aggregation="seq-mean-token-mean", kl_coef=0.001)
+    # the default recipe (configs/algo/grpo.yaml) states nothing: the CLI trains what LearnerConfig() says,
+    # with `auto` resolved (synchronous, fp32 learner and float32 rollout: the sampler's logprobs are exact)
+    assert LearnerConfig().old_logprobs == "auto"
+    assert cfg.learner == replace(LearnerConfig(), old_logprobs="rollout")
     assert cfg.rl.advantage == "grpo"
     assert cfg.model.path is None and cfg.cluster.address is None
 
@@ -117,3 +119,34 @@ def test_yaml_round_trip_names_every_part() -> None:
 def test_a_malformed_override_is_a_config_error_naming_it() -> None:
     with pytest.raises(ConfigError, match=r"Error parsing override 'rollout.n==' - extraneous input '='"):
         compose_config(["rollout.n=="])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ((), "rollout"),
+    (("rl.max_staleness=1", "learner.tis_cap=2.0"), "learner"),  # off-policy samples: pi_old is the learner's
+    (("learner.tis_cap=2.0",), "learner"),  # importance correction compares the sampler against pi_old
+    (("rollout.dtype=bfloat16",), "learner"),  # another precision than the fp32 learner
+    (("rollout.dtype=bfloat16", "learner.precision=bf16"), "rollout"),
+    (("learner.old_logprobs=learner",), "learner"),  # an explicit choice is kept
+])
+def test_old_logprobs_auto_takes_the_samplers_only_where_they_are_exact(overrides, expected) -> None:
+    assert compose_config(["stage=rl", *overrides]).learner.old_logprobs == expected
+
+
+def test_recipes_state_only_what_differs_from_the_defaults() -> None:
+    """Every key an algo file sets differs from the dataclass default (or interpolates)."""
+    import yaml
+
+    from engine.config import CONFIG_DIR
+
+    defaults = compose_config(["stage=rl"])
+    for path in sorted((CONFIG_DIR / "algo").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        for section, values in data.items():
+            for key, value in values.items():
+                default = getattr(getattr(defaults, section), key)
+                if isinstance(value, dict):
+                    assert all(getattr(default, k) != v for k, v in value.items()), (path.name, key)
+                elif not (isinstance(value, str) and value.startswith("${")):
+                    assert value != default, f"{path.name}: {section}.{key}={value} restates the default"
+

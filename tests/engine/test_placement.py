@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.placement import colocated, split
+from engine.layouts import colocated, split
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.rl import rl_batch, rollout_metrics
+from engine.collector_base import rollout_metrics
+from engine.rl import rl_batch
 from rollout.types import Response
 from tests.engine.plugins import PATH as PLUGINS
 from tests.engine.plugins import write_doubling_prompts

@@ -1,21 +1,23 @@
 """Proposer-solver self-play (`engine.selfplay`): proposals rejected for the right reason in the real
 sandbox, learnability by hand, the buffer's duplicate filters, the contamination drop, the SFT
-demonstrations being valid proposals, the buffer snapshot a resumed run loads, and a 2-step run through
-the real loop."""
+demonstrations being valid proposals, the buffer a resumed run gets back from its checkpoint, and a
+2-step run through the real loop."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from engine.collector_base import CollectorContext
 from engine.config import AssayConfig
 from engine.selfplay import (
     CodeTask,
+    SelfPlayCollector,
     SelfPlaySource,
-    SelfPlayState,
     TaskBuffer,
     check_proposals,
     jaccard,
@@ -101,7 +103,8 @@ def test_the_buffer_filters_exact_and_near_duplicates():
 
 def test_tasks_that_overlap_the_eval_set_are_dropped():
     eval_task = _task("    acc = 0\n    for x in xs:\n        acc += x * 3\n        acc -= len(xs)\n    return acc")
-    state = SelfPlayState(AssayConfig(), [eval_task.task("eval-0")])
+    state = SelfPlayCollector(CollectorContext(AssayConfig(), None, None, [], Path("unused"),  # type: ignore[arg-type]
+                                               [eval_task.task("eval-0")]))
     same_program_other_input = CodeTask(eval_task.program, "[5]", "10")
     unrelated = _task("    return sorted(xs)")
     # the first shares "python def f xs acc 0 for x in xs acc x 3 acc len xs return acc what does f" with
@@ -143,6 +146,7 @@ def code_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.ray
 @pytest.mark.vllm
 def test_two_selfplay_steps_through_the_real_loop(ray_local, code_model, tmp_path) -> None:
+    from engine.checkpoint import read_state
     from engine.cli import run_stage
     from engine.config import compose_config
     from engine.metrics import read_metrics
@@ -167,29 +171,34 @@ def test_two_selfplay_steps_through_the_real_loop(ray_local, code_model, tmp_pat
                 "learner/loss"} <= set(m)
         assert m["selfplay/valid_frac"] > 0 or m["selfplay/proposer_reward"] == -1.0  # invalid_reward
     assert (result.run_dir / "selfplay.png").stat().st_size > 0
-    snapshot = json.loads((result.run_dir / "selfplay" / "buffer-2.json").read_text())
-    assert len(snapshot) == steps[2]["selfplay/buffer"]
+    final = read_state(result.run_dir / "final")["collector"]["buffer"]  # the collector's state after step 2
+    assert len(final) == steps[2]["selfplay/buffer"]
+    step_1 = read_state(result.run_dir / "checkpoints" / "step_000001")["collector"]["buffer"]  # save_every=1
+    assert len(step_1) == steps[1]["selfplay/buffer"] and final[:len(step_1)] == step_1[:len(final)]
 
-    assert (result.run_dir / "checkpoints" / "step_000001").is_dir()  # save_every=1 with the collector's state
 
-
-def test_a_resumed_run_continues_from_the_buffer_snapshot(tmp_path, capsys) -> None:
-    """`_start` at a step > 0 loads `selfplay/buffer-<step>.json` (what `collect` wrote after the step
-    before) instead of seeding a fresh buffer from the task source; without one it says so and seeds."""
+def test_a_resumed_run_continues_from_the_checkpointed_buffer(tmp_path, capsys) -> None:
+    """The collector's `state_dict` (what a checkpoint records) gives a fresh collector the same buffer
+    without touching the task stream; a collector with no state loaded (a checkpoint without it) seeds a
+    fresh buffer at its first step and says so."""
+    from engine.collectors import collector_class
     from engine.config import compose_config
-    from engine.selfplay import _start
 
-    cfg = compose_config([f"runs_dir={tmp_path}", "stage=rl", "task.source=code_reasoning",
+    cfg = compose_config([f"runs_dir={tmp_path}", "stage=rl", "task.source=code_reasoning", "rl.collector=selfplay",
                           "task.code_reasoning.modes=[deduction]", "task.code_reasoning.list_len=3",
                           "task.code_reasoning.max_value=5", "task.eval_size=4", "selfplay.seed_tasks=3"])
     source = SelfPlaySource.from_config(cfg.task, seed=0)
-    saved = [CodeTask("def f(xs):\n    return xs[::-1]", "[1, 2]", "[2, 1]"), CodeTask("def f(xs):\n    return 5", "[]", "5")]
-    folder = tmp_path / "default" / "rl" / "selfplay"
-    folder.mkdir(parents=True)
-    (folder / "buffer-7.json").write_text(json.dumps([t.__dict__ for t in saved]))
+    context = CollectorContext(cfg, source, None, [], tmp_path, source.eval_tasks(4))  # type: ignore[arg-type]
+    saved = SelfPlayCollector(context)
+    tasks = [CodeTask("def f(xs):\n    return xs[::-1]", "[1, 2]", "[2, 1]"), CodeTask("def f(xs):\n    return 5", "[]", "5")]
+    assert saved.add(tasks, n=20) == [False, False]
     position = source.state_dict()
-    assert _start(source, cfg, step=7).buffer.tasks == saved
-    assert source.state_dict() == position  # the task stream is not touched on resume
-    fresh = _start(source, cfg, step=8)  # no snapshot for step 8
-    assert "starting a fresh buffer" in capsys.readouterr().out
+    resumed = collector_class(cfg.rl.collector)(context)
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))  # as the checkpoint's state.json holds it
+    assert isinstance(resumed, SelfPlayCollector) and resumed.buffer.tasks == saved.buffer.tasks
+    assert resumed.buffer.duplicate(CodeTask("def f(xs):\n    return 5", "[]", "")) == "duplicate"
+    assert resumed.started and source.state_dict() == position  # the task stream is not touched on resume
+    fresh = SelfPlayCollector(context)
+    fresh.seed_buffer(step=8)
+    assert "holds no task buffer; starting a fresh one" in capsys.readouterr().out
     assert len(fresh.buffer) == 3 and all(t.output for t in fresh.buffer.tasks)
