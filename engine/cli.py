@@ -9,6 +9,9 @@
 
 OVERRIDES are Hydra overrides: `experiment=arith_tiny learner.lr=1e-3 cluster.learners=2`.
 `--debug` (anywhere) shows the traceback of an error instead of its one-line message.
+`--verbose` (anywhere, or ASSAY_VERBOSE=1) prints everything vLLM, DeepSpeed, Ray and the other
+libraries print; by default `train` and `demo` keep the console to the progress bar, Assay's own lines
+and real warnings, and write the rest to `third_party.log` in the stage's run directory.
 
 Exit codes: 0 done; 1 an error (one line on stderr); 2 a usage or configuration error; 130 / 143
 stopped by SIGINT / SIGTERM after a checkpoint (the line printed says how to continue); `assay verify`
@@ -18,12 +21,13 @@ documents its own.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine import checkpoint, errors, stopping
+from engine import checkpoint, console, errors, stopping
 from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
 from engine.ray_cluster import set_process_env
 from engine.runs import StageResult, finished, move_aside, stage_dir
@@ -62,7 +66,8 @@ STAGES_BY_EXPERIMENT = {"code_demo": CODE_DEMO_STAGES}
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "--verbose" in argv or os.environ.get("ASSAY_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
     set_process_env()
     parser = argparse.ArgumentParser(prog="assay", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove_orphans()  # shared-memory weights and sockets of Assay processes that were SIGKILLed
     if args.command in ("train", "demo"):
         stopping.install()
+        if not verbose:
+            console.quiet()
     try:
         return COMMANDS[args.command](args)
     except stopping.Stopped as stop:
@@ -96,9 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"assay: error: {errors.one_line(err)}", file=sys.stderr)
+        if (log := console.log_path()) is not None:
+            print(f"[assay] what vLLM, DeepSpeed and Ray printed: {log}", file=sys.stderr)
         return 1
     finally:
         stopping.uninstall()
+        console.restore()
 
 
 def _stopped_line(stop: stopping.Stopped, argv: list[str]) -> str:
@@ -126,6 +136,9 @@ def run_stage(cfg: AssayConfig) -> StageResult:
         step = int(checkpoint.read_state(run_dir / "final")["step"])
         print(f"[assay] {run_dir} finished at step {step} already; nothing to resume")
         return StageResult(run_dir, run_dir / "final" / "hf", step, {})
+    console.expect_log(run_dir / console.LOG_NAME)
+    logs = f" (third-party output: {console.LOG_NAME} there; --verbose prints it)" if console.is_quiet() else ""
+    print(f"[assay] {cfg.stage}: run directory {run_dir.absolute()}{logs}")
     runners = {"pretrain": run_supervised, "sft": run_supervised, "rl": run_rl}
     result = runners[cfg.stage](cfg)
     if (signum := stopping.pending()) is not None:  # a signal during the last step: the stage is done
