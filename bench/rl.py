@@ -335,6 +335,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10, help="(c): optimizer steps of linear warmup")
     parser.add_argument("--batch-size", type=int, default=128,
                         help="(c): sequences per optimizer step (prompts x n must be a multiple)")
+    parser.add_argument("--pairs", type=int, default=2, help="(c): alternating Assay/TRL pairs (A B A B ...)")
     parser.add_argument("--last", type=int, default=5, help="(c): the reward is the mean over this many last steps")
     parser.add_argument("--assay-override", action="append", default=[], metavar="KEY=VALUE",
                         help="(c): extra Hydra override of Assay's RL stage, mapped to TRL where it has one")
@@ -359,7 +360,7 @@ def main() -> None:
                           warmup_steps=args.warmup_steps, batch_size=args.batch_size, threads=args.threads,
                           last=args.last, overrides=tuple(args.assay_override))
         with tempfile.TemporaryDirectory() as tmp:
-            result.update(compare(bench, args.model, args.quick, Path(tmp)))
+            result.update(compare(bench, args.model, args.quick, Path(tmp), pairs=args.pairs))
         print()
         print_comparison(result)
     if args.out:

@@ -1,4 +1,4 @@
-"""GRPO training of Assay against TRL's `GRPOTrainer`: one checkpoint, prompts, reward and set of numbers, one run.
+"""GRPO training of Assay against TRL's `GRPOTrainer`: one checkpoint, prompts, reward and set of numbers.
 
 Assay runs its real RL stage, `engine.rl.run_rl` on `compose_config(["experiment=demo", "stage=rl",
 "model.path=CKPT", ...])` (a local Ray instance, one DeepSpeed learner actor, one vLLM rollout actor, a
@@ -15,9 +15,12 @@ Assay: the sum of `perf/step_s` (rollout, scoring, the update, the weight sync; 
 TRL: `on_train_begin` to `on_train_end` of its own loop -- with start-up (Ray, actors, vLLM; TRL's
 trainer) reported apart; `reward`: the mean train reward of the last `last` RL steps; and the held-out
 greedy accuracy of the starting and the final weights on `task.eval_size` held-out sums, by one evaluator
-for both (`engine.evaluate.heldout_accuracy`: transformers greedy decoding, the math verifier). Assay runs
-first; TRL then runs alone (Ray shut down) in this process, niced to the priority Ray gives Assay's actors
-(15), so that other jobs on a shared machine slow both alike.
+for both (`engine.evaluate.heldout_accuracy`: transformers greedy decoding, the math verifier). The two
+alternate, A B A B (`--pairs`, default 2, from the same checkpoint), so a load spike on a shared machine
+lands in one pair rather than on one side; the ratio is reported per pair, over the whole run and on the
+median step, with the load average before each run, and summarised as the median over pairs. TRL runs
+alone (Ray shut down) in this process, niced to the priority Ray gives Assay's actors (15), so that other
+jobs on a shared machine slow both alike.
 
 The starting checkpoint (`starting_checkpoint`) must be one the reward can move: the demo's flawed-teacher
 SFT export (about 35% held-out), from `--model DIR`, else `runs/demo/sft/final/hf` of an earlier `assay demo`
@@ -314,68 +317,86 @@ def settings_rows(cfg: AssayConfig, trl_args: Any, model_dir: str) -> list[dict[
     return [{"setting": s, "assay": a, "trl": t, "note": n} for s, a, t, n in rows]
 
 
-def compare(bench: GrpoBench, model: str | None, quick: bool, scratch: Path) -> dict[str, Any]:
-    """Assay's RL stage, then TRL's GRPOTrainer, from one checkpoint; the result in the JSON shape."""
+def compare(bench: GrpoBench, model: str | None, quick: bool, scratch: Path, pairs: int = 2) -> dict[str, Any]:
+    """`pairs` alternating runs from one checkpoint, Assay then TRL each time (A B A B ...), so a load
+    spike on a shared machine hits one pair rather than one side; the result in the JSON shape: each
+    side's numbers per pair, the load average around each run, and per pair the ratio on the whole run
+    and on the median step."""
     import ray
 
     torch.set_num_threads(bench.threads)
+    # Ray gives Assay's actors niceness 15 (RAY_worker_niceness); TRL runs in this process, so it gets the
+    # same, and other jobs on a shared machine take CPU from both alike.
+    os.nice(max(0, int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0)))
     probe = assay_config(bench, None, scratch / "runs")  # for the task a reused checkpoint must match
     model_dir, origin = starting_checkpoint(model, probe, quick, scratch)
     cfg = assay_config(bench, model_dir, scratch / "runs")
-    load_before = os.getloadavg()
     start_accuracy = heldout(model_dir, {}, cfg)
-    assay = run_assay(cfg)
-    ray.shutdown()  # TRL runs alone on the machine
-    # ... and at the priority Ray gives Assay's actors (RAY_worker_niceness, 15), so that other jobs on a
-    # shared machine take CPU from both alike (this process stays niced: TRL runs last)
-    os.nice(max(0, int(os.environ.get("RAY_worker_niceness", "15")) - os.nice(0)))
-    trl = run_trl(cfg, model_dir, scratch / "trl")
-    load_after = os.getloadavg()
-    result = {
-        "assay": {**summary(assay["steps"], assay["wall_s"], bench.last),
-                  "heldout_greedy": heldout(assay["export"], {}, cfg), "parts_s": assay["parts_s"],
-                  "skipped_rows_frac": assay["skipped_rows_frac"],
-                  "own_eval_accuracy": assay["own_eval_accuracy"]},
-        "trl": {**summary(trl["steps"], trl["wall_s"], bench.last), "heldout_greedy": heldout(model_dir, trl["state"], cfg),
-                "lr_last": trl["lr_last"]},
+    runs: list[dict[str, Any]] = []
+    trl_args = None
+    for pair in range(pairs):
+        load = [os.getloadavg()[0]]
+        assay = run_assay(assay_config(bench, model_dir, scratch / f"runs-{pair}"))
+        ray.shutdown()  # TRL runs alone on the machine
+        load.append(os.getloadavg()[0])
+        trl = run_trl(cfg, model_dir, scratch / f"trl-{pair}")
+        load.append(os.getloadavg()[0])
+        trl_args = trl["args"]
+        a = {**summary(assay["steps"], assay["wall_s"], bench.last), "heldout_greedy": heldout(assay["export"], {}, cfg),
+             "parts_s": assay["parts_s"], "skipped_rows_frac": assay["skipped_rows_frac"],
+             "own_eval_accuracy": assay["own_eval_accuracy"]}
+        t = {**summary(trl["steps"], trl["wall_s"], bench.last), "heldout_greedy": heldout(model_dir, trl["state"], cfg),
+             "lr_last": trl["lr_last"]}
+        runs.append({"assay": a, "trl": t, "load_average": {"before_assay": load[0], "before_trl": load[1],
+                                                             "after_trl": load[2]},
+                     "ratio_whole_run": a["samples_per_s"] / t["samples_per_s"],
+                     "ratio_median_step": a["samples_per_s_median_step"] / t["samples_per_s_median_step"]})
+    return {
+        "pairs": runs,
+        "assay_vs_trl_samples_per_s": statistics.median(r["ratio_whole_run"] for r in runs),
+        "assay_vs_trl_samples_per_s_median_step": statistics.median(r["ratio_median_step"] for r in runs),
         "settings": {
             "checkpoint": model_dir, "checkpoint_origin": origin, "heldout_greedy_start": start_accuracy,
             "heldout_tasks": cfg.task.eval_size, "reward_last_steps": bench.last, "steps": cfg.steps,
             "prompts": cfg.rl.prompts_per_step, "n": cfg.rollout.n, "max_tokens": cfg.rollout.max_tokens,
             "rollout_backend": cfg.rollout.backend,
             "lr": cfg.learner.lr, "batch_size": cfg.learner.batch_size, "threads": bench.threads,
-            "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
+            "cpus": os.cpu_count(), "pairs": pairs,
             "assay_overrides": list(bench.overrides),
-            "table": settings_rows(cfg, trl["args"], model_dir),
+            "table": settings_rows(cfg, trl_args, model_dir),
         },
     }
-    result["assay_vs_trl_samples_per_s"] = result["assay"]["samples_per_s"] / result["trl"]["samples_per_s"]
-    return result
 
 
 def print_comparison(result: dict[str, Any]) -> None:
     s = result["settings"]
     print(f"GRPO, {s['steps']} steps of {s['prompts']} prompts x G={s['n']}, max {s['max_tokens']} new tokens, "
           f"lr {s['lr']}, minibatch {s['batch_size']}; checkpoint {s['checkpoint']} ({s['checkpoint_origin']}); "
-          f"load average {s['load_before'][0]:.1f} -> {s['load_after'][0]:.1f} on {s['cpus']} CPUs")
+          f"{s['pairs']} alternating pairs (Assay, then TRL) on {s['cpus']} CPUs")
     print()
     print("| setting | Assay | TRL GRPOTrainer | differs because |")
     print("|---|---|---|---|")
     for row in s["table"]:
         print(f"| {row['setting']} | {row['assay']} | {row['trl']} | {row['note']} |")
     print()
-    print(f"| GRPO training | samples/s | tokens/s | samples/s, median step | train s | start-up + eval s "
-          f"| reward step 1 | reward last {s['reward_last_steps']} | held-out greedy (start {s['heldout_greedy_start']:.3f}) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| pair | GRPO training | load avg before | samples/s | samples/s, median step | tokens/s | train s "
+          f"| start-up + eval s | reward step 1 | reward last {s['reward_last_steps']} "
+          f"| held-out greedy (start {s['heldout_greedy_start']:.3f}) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     assay_name = f"Assay ({s['rollout_backend']} rollout, DeepSpeed learner)"
-    for name, key in ((assay_name, "assay"), ("TRL 1.16 GRPOTrainer", "trl")):
-        r = result[key]
-        print(f"| {name} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {r['samples_per_s_median_step']:.0f} "
-              f"| {r['train_s']:.1f} | {r['startup_and_eval_s']:.1f} | {r['reward_first']:.3f} | {r['reward']:.3f} "
-              f"| {r['heldout_greedy']:.3f} |")
-    for name, key in (("Assay", "assay"), ("TRL", "trl")):
-        print(f"{name} seconds per step: " + " ".join(f"{x:.2f}" for x in result[key]["seconds_per_step"]))
-    parts = result["assay"]["parts_s"]
-    print(f"Assay {result['assay_vs_trl_samples_per_s']:.2f}x TRL samples/s; Assay's train seconds: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
-          + f"; zero-advantage rows left out of the learner: {result['assay']['skipped_rows_frac']:.0%}")
+    for i, pair in enumerate(result["pairs"], 1):
+        for name, key, load in ((assay_name, "assay", "before_assay"), ("TRL 1.16 GRPOTrainer", "trl", "before_trl")):
+            r = pair[key]
+            print(f"| {i} | {name} | {pair['load_average'][load]:.2f} | {r['samples_per_s']:.0f} "
+                  f"| {r['samples_per_s_median_step']:.0f} | {r['tokens_per_s']:.0f} | {r['train_s']:.1f} "
+                  f"| {r['startup_and_eval_s']:.1f} | {r['reward_first']:.3f} | {r['reward']:.3f} "
+                  f"| {r['heldout_greedy']:.3f} |")
+    print()
+    for i, pair in enumerate(result["pairs"], 1):
+        parts = pair["assay"]["parts_s"]
+        print(f"pair {i}: Assay {pair['ratio_whole_run']:.2f}x TRL samples/s over the run, "
+              f"{pair['ratio_median_step']:.2f}x on the median step; Assay's train seconds: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+              + f"; zero-advantage rows left out: {pair['assay']['skipped_rows_frac']:.0%}")
+    print(f"median over pairs: {result['assay_vs_trl_samples_per_s']:.2f}x over the run, "
+          f"{result['assay_vs_trl_samples_per_s_median_step']:.2f}x on the median step (goal: >= 1.5x on both)")
