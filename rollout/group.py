@@ -23,7 +23,7 @@ from rollout.broadcast import BroadcastPublisher, free_port
 from rollout.config import RolloutConfig
 from rollout.doorbell import Doorbell
 from rollout.types import Response, Sampling
-from rollout.weight_sync import WeightHandle, WeightSync, make_weight_sync, remove_orphans
+from rollout.weight_sync import BELL_PREFIX, WeightHandle, WeightSync, make_weight_sync, remove_orphans
 from verifiers.base import Task
 
 
@@ -80,7 +80,7 @@ class RolloutGroup:
     def _open_doorbells(self) -> list[Doorbell]:
         """One UNIX socket per actor (`rollout.doorbell`), in a short-named directory of this node's
         temp dir (a socket path must stay under ~100 bytes), removed by `shutdown`."""
-        self._doorbell_dir = tempfile.mkdtemp(prefix=f"assay-bell-{os.getpid()}-")  # owner pid: see remove_orphans
+        self._doorbell_dir = tempfile.mkdtemp(prefix=f"{BELL_PREFIX}{os.getpid()}-")  # owner pid: see remove_orphans
         paths = ray.get(
             [
                 actor.open_doorbell.remote(f"{self._doorbell_dir}/{rank}.sock")

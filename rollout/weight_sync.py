@@ -163,6 +163,12 @@ def check_checksum(handle: WeightHandle, got: str, num_tensors: int, where: str)
         )
 
 
+# Per-process files that can outlive a SIGKILLed driver are named `<prefix><owner pid>-<suffix>`, so
+# `remove_orphans` can tell whose they are: the shm publisher's slots and the group's doorbell sockets.
+SLOT_PREFIX = "assay-weights-"
+BELL_PREFIX = "assay-bell-"
+
+
 @dataclass
 class ShmWeightSync:
     """Safetensors buckets in `keep` slots `shm_dir/assay-weights-<run>/slot-<k>/` (same node only),
@@ -198,7 +204,7 @@ class ShmWeightSync:
 
     @property
     def root(self) -> Path:
-        return Path(self.shm_dir) / f"assay-weights-{self.run}"
+        return Path(self.shm_dir) / f"{SLOT_PREFIX}{self.run}"
 
     def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle:
         slot_index = self._next_slot
@@ -508,7 +514,6 @@ def _nbytes(state: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-# Per-process files that outlive a SIGKILLed driver are named `<prefix><owner pid>-<suffix>`.
 def remove_orphans(shm_dir: str = "/dev/shm") -> list[Path]:
     """Remove the shared-memory weight slots (in `shm_dir`) and doorbell socket directories (in the temp
     dir) whose owner process is dead: a driver killed with SIGKILL never reaches its clean-up, and two
@@ -517,7 +522,7 @@ def remove_orphans(shm_dir: str = "/dev/shm") -> list[Path]:
     import tempfile
 
     removed = []
-    for prefix, base in (("assay-weights-", Path(shm_dir)), ("assay-bell-", Path(tempfile.gettempdir()))):
+    for prefix, base in ((SLOT_PREFIX, Path(shm_dir)), (BELL_PREFIX, Path(tempfile.gettempdir()))):
         try:
             entries = [p for p in base.iterdir() if p.name.startswith(prefix)]
         except OSError:
