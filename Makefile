@@ -50,14 +50,14 @@ demo: install
 
 test: install
 	$(BIN)/mkdocs build --strict --quiet
-	$(BIN)/mypy engine verifiers rollout learner
+	$(BIN)/mypy engine verifiers rollout learner weights
 	$(BIN)/python -m pytest -m "not gpu" --durations=15 tests
 
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
 lint: install
-	$(BIN)/ruff check engine verifiers rollout learner tests bench
+	$(BIN)/ruff check engine verifiers rollout learner weights tests bench
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -14,7 +14,7 @@ run), and writes one JSON, rewritten after every section so a killed run keeps w
 3. `rollout`: `rollout.worker.RolloutWorker` with the `hf` backend (which picks CUDA when present)
    serving the learner's weights: n samples for a few prompts, tokens/s.
 4. `broadcast`: two spawned processes, rank 0 publishing the learner's weights with
-   `rollout.broadcast.BroadcastPublisher`, rank 1 an `hf` rollout worker receiving them
+   `weights.nccl.NcclWeightSync` (as learner rank 0 does), rank 1 an `hf` rollout worker receiving them
    (`join_broadcast` / `receive_broadcast`): seconds per sync and GB/s. NCCL on CUDA, gloo on CPU.
    Two NCCL ranks on ONE GPU are refused by NCCL before 2.30 ("Duplicate GPU detected"; 2.30 has it
    behind `NCCL_MULTI_RANK_GPU_ENABLE=1`, which the ranks set): when the NCCL run fails on CUDA, the
@@ -193,7 +193,7 @@ def learner_section(shape: Shape, device: str, model_dir: Path, params: int, pea
 
     from learner.config import LearnerConfig
     from learner.worker import LearnerWorker
-    from rollout.broadcast import free_port
+    from weights.nccl import free_port
 
     cfg = LearnerConfig(
         zero_stage=2,
@@ -350,9 +350,9 @@ def _use_group(kind: str, device: str) -> None:
     if device == "cuda":
         torch.cuda.set_device(0)
     if kind == "torch":
-        import rollout.broadcast
+        import weights.nccl
 
-        rollout.broadcast._join = _torch_group
+        weights.nccl._join = _torch_group
 
 
 def _publisher_rank(port: int, group_device: str, model_dir: str, syncs: int, kind: str, barrier: Any,
@@ -360,11 +360,12 @@ def _publisher_rank(port: int, group_device: str, model_dir: str, syncs: int, ki
     try:
         from safetensors.torch import load_file
 
-        from rollout.broadcast import BroadcastPublisher
+        from weights.nccl import NcclWeightSync
 
         _use_group(kind, group_device)
         state = load_file(str(weights_file(Path(model_dir))))  # on CPU, as the driver holds it
-        publisher = BroadcastPublisher("127.0.0.1", port, 2, group_device)
+        publisher = NcclWeightSync()
+        publisher.join("127.0.0.1", port, 0, 2, group_device)
         times = []
         for version in range(1, syncs + 2):
             barrier.wait()
@@ -382,7 +383,8 @@ def _publisher_rank(port: int, group_device: str, model_dir: str, syncs: int, ki
 def _receiver_rank(port: int, group_device: str, model_device: str, shape: Shape, model_dir: str, kind: str,
                    barrier: Any, queue: Any) -> None:  # fmt: skip
     try:
-        from rollout.broadcast import BroadcastReceiver
+        from weights import WeightHandle
+        from weights.nccl import NcclWeightSync
 
         _use_group(kind, group_device)
         worker = rollout_worker(shape, model_device, Path(model_dir))
@@ -391,7 +393,8 @@ def _receiver_rank(port: int, group_device: str, model_device: str, shape: Shape
         if direct:
             worker.join_broadcast("127.0.0.1", port, 1, 2)
         else:
-            receiver = BroadcastReceiver("127.0.0.1", port, 1, 2, group_device)
+            receiver = NcclWeightSync()
+            receiver.join("127.0.0.1", port, 1, 2, group_device)
         times = []
         for version in range(1, shape.syncs + 2):
             barrier.wait()
@@ -399,7 +402,7 @@ def _receiver_rank(port: int, group_device: str, model_device: str, shape: Shape
             if receiver is None:
                 worker.receive_broadcast(version)
             else:
-                worker.load_weights(receiver.receive(version), version)
+                worker.load_weights(receiver.load(WeightHandle.expected("nccl", version)), version)
             sync(model_device)
             times.append(time.perf_counter() - start)
         queue.put(("receiver", {"receive_s": times, "version": worker.version,
@@ -413,7 +416,7 @@ def broadcast_section(shape: Shape, device: str, group_device: str, model_dir: P
     """Publisher and receiver in two spawned processes; raises with the ranks' errors on failure."""
     import torch.multiprocessing as mp
 
-    from rollout.broadcast import free_port
+    from weights.nccl import free_port
 
     ctx = mp.get_context("spawn")
     queue, barrier, port = ctx.Queue(), ctx.Barrier(2), free_port()

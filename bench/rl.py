@@ -5,8 +5,9 @@
     batch of P x n rows), our `hf` backend and our `vllm` backend (each a `RolloutGroup` of one
     `RolloutActor`, as the RL loop runs them; seeded sampling, as the loop asks for). Generated tokens
     are counted as produced (up to and including eos). Goal: the default backend (`vllm`) >= 1x the peer.
-(b) Weight sync: `RolloutGroup.update_weights(state, version)` -- what the RL loop calls after each
-    step: publish (checksum + write), fetch in the actor (read + verify), load into vLLM in place --
+(b) Weight sync: a publisher's `publish(state, version)` and `RolloutGroup.update_weights` -- what
+    each RL step does after training (there learner rank 0 publishes; here this process does, with the
+    same code): publish (checksum + write), fetch in the actor (read + verify), load into vLLM in place --
     through the `shm` transport (handle handed over by the socket doorbell, the default, and by a
     Ray call, `rollout.weight_notify=ray`) and the `ray` transport, against the peer `model.load_state_dict(state)` into a
     same-shaped model in this process (an in-place copy into a model that serves, the least a weight
@@ -95,7 +96,7 @@ class PlainGenerate:
     def __init__(self, model_dir: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rollout.backends import _eos_ids
+        from rollout.hf_backend import _eos_ids
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -204,12 +205,16 @@ def bench_weight_sync(model_dir: str, groups: dict[str, Any], repeats: int) -> l
         "model.load_state_dict (peer)": load_state_dict,
         "{k: v.clone()}": clone,
     }
+    from rollout.group import local_publisher
+
     versions = {name: 0 for name in groups}
+    publishers = {name: local_publisher(group) for name, group in groups.items()}
     for name, group in groups.items():
 
         def update(rep: int, name: str = name, group: Any = group) -> dict[str, float]:
             versions[name] += 1
-            return group.update_weights(states[rep % 2], versions[name])
+            publisher = publishers[name]
+            return group.update_weights(lambda v: publisher.publish(states[rep % 2], v), versions[name])
 
         runs[name] = update
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -228,6 +233,8 @@ def bench_weight_sync(model_dir: str, groups: dict[str, Any], repeats: int) -> l
                 row[key.split("/")[1]] = statistics.median(p[key] for p in parts[name])
         row["vs_peer"] = row["seconds"] / peer_s
         rows.append(row)
+    for publisher in publishers.values():
+        publisher.close()
     return rows
 
 

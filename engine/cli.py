@@ -31,7 +31,7 @@ from engine import checkpoint, console, errors, stopping
 from engine.config import AssayConfig, ConfigError, compose_config, to_yaml
 from engine.ray_cluster import set_process_env
 from engine.runs import StageResult, finished, move_aside, stage_dir
-from rollout.weight_sync import remove_orphans
+from weights import remove_orphans
 
 # The demo's stages: (stage, overrides that make it a good default on a 2-core CPU) on top of
 # `experiment=demo`. A short pretraining on worked sums; SFT on clean demonstrations until the model is
@@ -49,7 +49,7 @@ DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # `experiment=code_demo` (the policy writes Python, the sandboxed unit_tests verifier scores it): the same
 # four stages; SFT evaluates every 50 steps and RL runs 20 steps at a higher rate, because each sampled
-# program costs a sandbox run (~90 ms of CPU) and verification is most of an RL step.
+# program costs a sandbox run and verification is most of an RL step.
 CODE_DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pretrain", ("steps=200", "learner.lr=2e-3", "learner.warmup_steps=20", "learner.batch_size=32",
                   "learner.micro_batch_size=16")),

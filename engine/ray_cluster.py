@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Environment every Ray worker needs: DeepSpeed on the CPU accelerator, one shared JIT cache for
-# its C++ op (so a run pays the ~70 s compile once), vLLM in-process. The cache is `./.cache`, except in
+# its C++ op (so the compile, about a minute, is paid once), vLLM in-process. The cache is `./.cache`, except in
 # the fresh copy of the working directory a `ray job submit` job runs in (under Ray's
 # `runtime_resources/`), where it would be compiled again for every job: there `~/.cache/assay`.
 _IN_RAY_JOB_COPY = "runtime_resources" in Path.cwd().parts

@@ -6,10 +6,11 @@
 Every algorithm difference is a table entry or a number picked by config (`rl.advantage` in
 `learner.algos.ESTIMATORS`, `learner.policy_loss`, `learner.aggregation`, `learner.kl_coef`,
 `learner.kl_reward_coef`, `learner.critic`, DAPO's `rl.dynamic_sampling` / `rl.overlong_buffer` /
-`rl.mask_truncated`), never an `if algo == ...` here. Between rollout and update the learner scores the
-batch once (`LearnerGroup.prepare`: old logprobs, reference logprobs when a KL term needs them, the
-critic's values for PPO); the driver turns rewards into per-token rewards (minus the KL penalty) and
-advantages (and GAE returns), and hands the lot back to `train_rl_step`.
+`rl.mask_truncated`), never an `if algo == ...` here. The driver turns rewards into per-token rewards
+and advantages (`add_advantages`) and makes one call to the learners per step, which trains and
+publishes the new weights from learner rank 0 (`LearnerGroup.train_rl_step_and_publish`); the driver
+hands the `WeightHandle` to the rollout actors. Only a KL reward or a critic (PPO's GAE) needs the
+learners' numbers before advantages exist: then `LearnerGroup.prepare` is a call of its own first.
 Samples a verifier cannot judge (`score=None`) are dropped: their tokens leave `loss_mask` and their
 reward is left out of the group statistics. What a step trains on comes from the collector `rl.collector`
 names (`engine.collectors`), built once and called from the rollout thread (`engine.ahead`).
@@ -29,7 +30,7 @@ from engine import errors, stopping
 from engine.ahead import Ahead
 from engine.collector_base import CollectorContext, eval_seed, score
 from engine.collectors import collector_class
-from engine.config import AssayConfig
+from engine.config import AssayConfig, ConfigError
 from engine.metrics import MetricsSink
 from engine.placement import place
 from engine.ray_cluster import init_ray
@@ -41,6 +42,7 @@ from learner.group import LearnerGroup
 from rollout.group import RolloutGroup
 from rollout.types import Response
 from rollout.worker import sampling_from_config
+from weights.nccl import free_port
 
 
 def run_rl(cfg: AssayConfig) -> StageResult:
@@ -58,14 +60,14 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         cleanup.callback(learner.shutdown)
         rollout = RolloutGroup(cfg.rollout, model_dir, actor_options=placement.rollout_options)
         cleanup.callback(rollout.shutdown)
-        placement.record(run_dir, learner.actors, rollout.actors)
+        connect_weights(cfg, learner, rollout, placement.record(run_dir, learner.actors, rollout.actors))
         scorers = start_verifier_actors(cfg.verifier, cfg.rl.verifier_actors, log_path=run_dir / "verifier.log")
         cleanup.callback(lambda: [actor.close.remote() for actor in scorers])
         eval_tasks = source.eval_tasks(cfg.task.eval_size)
         collector = make_collector(CollectorContext(cfg, source, rollout, scorers, run_dir, eval_tasks))
         start = resume(resume_from, learner, source, collector) if resume_from is not None else 0
         if start:  # the rollout actors load the resumed weights
-            rollout.update_weights(learner.state_dict_for_rollout(), version=start)
+            rollout.update_weights(learner.publish_weights, version=start)
         sink = cleanup.enter_context(closing(MetricsSink(run_dir, cfg.steps, start_step=start,
                                                          progress=cfg.progress)))
         if start == 0:  # the baseline the curves start from
@@ -87,12 +89,13 @@ def run_rl(cfg: AssayConfig) -> StageResult:
             t2 = time.perf_counter()
             if rewards.numel():
                 batch = rl_batch(responses, rewards.flatten(), pad_id=0)
-                batch |= learner.prepare(batch)  # old logprobs (+ reference logprobs, critic values)
+                batch |= learner.prepare(batch)  # a call only for a KL reward or a critic's values
                 metrics.update(add_advantages(batch, rewards, cfg))
-                metrics.update(learner.train_rl_step(batch))
-            t3 = time.perf_counter()
-            metrics.update(rollout.update_weights(learner.state_dict_for_rollout(), version=step + 1))
+                metrics.update(train_and_publish(learner, rollout, batch, version=step + 1))
+            else:  # nothing to train on: the same weights as the next version
+                metrics.update(rollout.update_weights(learner.publish_weights, version=step + 1))
             t4 = time.perf_counter()
+            t3 = t4 - metrics["perf/weight_sync_s"]
             tokens = sum(len(r.response_ids) for r in responses)
             metrics.update({"perf/wait_s": t2 - t0, "perf/learn_s": t3 - t2, "perf/sync_s": t4 - t3,
                             "perf/step_s": t4 - t_end, "perf/tokens_per_s": tokens / (t4 - t_end)})
@@ -106,6 +109,41 @@ def run_rl(cfg: AssayConfig) -> StageResult:
         export = export_final(run_dir, learner, stream_at, cfg.steps)
         collector.finish(run_dir)  # the collector's own report
     return StageResult(run_dir, export, cfg.steps, metrics)
+
+
+def connect_weights(cfg: AssayConfig, learner: LearnerGroup, rollout: RolloutGroup, where: dict[str, Any]) -> None:
+    """Make learner rank 0 the publisher of `rollout.weight_sync` and, for a `rendezvous` transport,
+    join it with every rollout actor. A `same_node` transport (`shm`) needs learner rank 0, the
+    rollout actors and this driver (the doorbells) on one node; `where` is `Placement.record`'s."""
+    import ray
+
+    if rollout.transport.same_node:
+        here = ray.get_runtime_context().get_node_id()
+        elsewhere = sorted({where["learners"][0], *where["rollout"]} - {here})
+        if elsewhere:
+            raise ConfigError(
+                f"rollout.weight_sync={cfg.rollout.weight_sync} needs learner rank 0, the rollout actors and "
+                f"the driver on one node, but cluster.placement={cfg.cluster.placement} put some on node(s) "
+                f"{', '.join(n[:8] for n in elsewhere)}; use rollout.weight_sync=ray across nodes")
+    learner.attach_weights(cfg.rollout.weight_spec())
+    if rollout.transport.rendezvous:
+        host = ray.util.get_node_ip_address()
+        port = free_port(host)
+        joins = rollout.join_weight_group(host, port)
+        ray.get([learner.join_weight_group(host, port, len(rollout.actors) + 1), *joins])
+
+
+def train_and_publish(learner: LearnerGroup, rollout: RolloutGroup, batch: dict[str, torch.Tensor],
+                      version: int) -> dict[str, float]:
+    """One RL step on the learners and the new weights served as `version`: one call to the learners
+    (train, then rank 0 publishes), then the handle to the rollout actors. A `rendezvous` transport's
+    readers must wait in the publish, so there it is a second call, with the actors' loads started
+    first."""
+    if rollout.transport.rendezvous:
+        metrics = learner.train_rl_step(batch)
+        return metrics | rollout.update_weights(learner.publish_weights, version)
+    metrics, handle = learner.train_rl_step_and_publish(batch, version)
+    return metrics | rollout.load_weights(handle, publish_s=metrics.pop("perf/weight_publish_s"))
 
 
 def optimizer_steps(cfg: AssayConfig) -> int:
@@ -138,8 +176,9 @@ def rl_batch(responses: list[Response], rewards: torch.Tensor, pad_id: int) -> d
 
 def add_advantages(batch: dict[str, torch.Tensor], rewards: torch.Tensor, cfg: AssayConfig) -> dict[str, float]:
     """Put `advantages` (and `returns`, for a critic) into `batch`: the outcome `rewards` (P, G) on each
-    response's last token, minus `learner.kl_reward_coef` x k1(old, ref) on every response token, through
-    the estimator `rl.advantage` names. Returns the reward-side metrics."""
+    response's last token, minus `learner.kl_reward_coef` x k1(old, ref) on every response token (with
+    the `prepare`d logprobs), through the estimator `rl.advantage` names. Returns the reward-side
+    metrics (`rl/kl_to_ref` is the learners': they hold old and reference logprobs either way)."""
     mask = batch["loss_mask"]
     kl = kl_k1(batch["old_logprobs"], batch["ref_logprobs"]) if "ref_logprobs" in batch else None  # (B, T)
     per_token = token_rewards(rewards.flatten(), mask, kl, cfg.learner.kl_reward_coef)  # (B, T)
@@ -150,8 +189,6 @@ def add_advantages(batch: dict[str, torch.Tensor], rewards: torch.Tensor, cfg: A
     if returns is not None:
         batch["returns"] = returns
         metrics["critic/returns_mean"] = float(returns.sum() / mask.sum().clamp(min=1))
-    if kl is not None:
-        metrics["rl/kl_to_ref"] = float((kl * mask).sum() / mask.sum().clamp(min=1))  # k1, token mean
     return metrics
 
 

@@ -7,15 +7,12 @@ runtime_env, which `engine.ray_cluster.init_ray` sets to `worker_env()`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import ray
 from torch import Tensor
 
 from learner.config import LearnerConfig
-
-if TYPE_CHECKING:
-    from learner.group import StepPlan
+from learner.plan import StepPlan
+from weights import WeightHandle, WeightSpec
 
 
 @ray.remote(num_cpus=1)
@@ -50,8 +47,16 @@ class LearnerActor:
     def train_step(self, batch: dict[str, Tensor], num_tokens: int) -> dict[str, float]:
         return self.worker.train_step(batch, num_tokens)
 
-    def train_rl_step(self, batch: dict[str, Tensor], plan: StepPlan) -> dict[str, float]:
-        return self.worker.train_rl_step(batch, plan)
+    def train_rl_step(
+        self, batch: dict[str, Tensor], plan: StepPlan, publish_version: int | None = None
+    ) -> tuple[dict[str, float], WeightHandle | None]:
+        """The RL step, then (with `publish_version`) the new weights published in the same call:
+        (metrics, rank 0's handle or None)."""
+        metrics = self.worker.train_rl_step(batch, plan)
+        if publish_version is None:
+            return metrics, None
+        handle, publish_s = self.worker.publish_weights(publish_version)
+        return metrics | {"perf/weight_publish_s": publish_s}, handle
 
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)
@@ -61,6 +66,18 @@ class LearnerActor:
 
     def state_dict_for_rollout(self) -> dict[str, Tensor]:
         return self.worker.state_dict_for_rollout()
+
+    def attach_weights(self, spec: WeightSpec) -> None:
+        self.worker.attach_weights(spec)
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        self.worker.join_weight_group(host, port, world_size)
+
+    def publish_weights(self, version: int) -> WeightHandle | None:
+        return self.worker.publish_weights(version)[0]
+
+    def close_weights(self) -> None:
+        self.worker.close_weights()
 
     def save(self, directory: str) -> None:
         self.worker.save(directory)

@@ -162,8 +162,9 @@ class LearnerConfig:
     first epoch's training forward passes."""
 
     threads: int = 1
-    """torch intra-op threads of each learner actor. Set explicitly: a learner and a rollout actor that
-    each spin 2 threads on 2 cores ran ~10x slower than with 1 each."""
+    """torch intra-op threads of each learner actor. Set explicitly: a learner and a rollout actor whose
+    thread pools together outnumber the cores run many times slower (docs/benchmarks.md,
+    "Measurements behind the code")."""
 
 
 def gradient_accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:

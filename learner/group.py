@@ -6,20 +6,19 @@ count every rank must normalise by. Metrics come back per rank and are combined 
 metrics are each rank's share of the global sums (already divided by the global token count), so
 they add; the optimizer's own numbers (grad norm, lr, step) are identical on every rank.
 
-RL (`train_rl_step`): the global batch of P x G sequences is cut into minibatches of `batch_size`
-consecutive rows (one optimizer step each); rank r gets the r-th contiguous chunk of every
-minibatch, so its rows arrive in minibatch order and one remote call per rank runs the whole step
-(old/ref logprobs and all `ppo_epochs` sweeps) while DeepSpeed's collectives keep the ranks in step.
-The driver computes each minibatch's global `num_tokens` / `num_seqs` before sharding, and
-(`plan_rl_step`, with `LearnerConfig.skip_zero_advantage`) leaves out the rows whose advantages are
-all 0, which add nothing to the gradient, padding every rank to the same number of micro-batches.
+RL (`train_rl_step`): the step is planned here (`learner.plan`: minibatches, each rank's rows, the
+global normalisers) and one remote call per rank runs the whole step (old/ref logprobs and all
+`ppo_epochs` sweeps) while DeepSpeed's collectives keep the ranks in step. With
+`train_rl_step_and_publish`, the same call ends with learner rank 0 publishing the new weights
+(`attach_weights`), so a default RL step crosses Ray to the learners once: the batch out, the
+metrics and a `WeightHandle` back. `prepare` is a second call only when the driver reads what the
+learners compute before advantages exist (a KL reward, a critic's values).
 """
 
 from __future__ import annotations
 
-import math
 import socket
-from dataclasses import dataclass
+import warnings
 from typing import Any
 
 import ray
@@ -28,16 +27,20 @@ from torch import Tensor
 
 from learner.actor import LearnerActor
 from learner.config import LearnerConfig, skips_zero_advantage, validate
+from learner.plan import (
+    BATCH_KEYS,
+    RL_KEYS,
+    RL_OPTIONAL_KEYS,
+    check_rows,
+    plan_rl_step,
+    shard_rows,
+    take_rows,
+)
+from weights import WeightHandle, WeightSpec
 
-# Tensors a training batch must hold (the same tuple as `learner.worker.BATCH_KEYS`, repeated so that
-# the driver does not import DeepSpeed).
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Metrics every rank reports identically; taken from rank 0 instead of summed.
 SAME_ON_EVERY_RANK = ("learner/grad_norm", "learner/lr", "learner/step", "learner/optimizer_steps", "critic/grad_norm",
-                      "learner/skipped_rows_frac")
-# Tensors an RL batch must hold besides BATCH_KEYS, and those it may hold (`learner.worker.RL_OPTIONAL_KEYS`).
-RL_KEYS = ("advantages",)
-RL_OPTIONAL_KEYS = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
+                      "learner/skipped_rows_frac", "perf/weight_publish_s")
 
 
 def free_port() -> int:
@@ -45,125 +48,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def shard_rows(batch: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:
-    """Split every tensor into `world_size` contiguous, equal row shards (rank r gets shard r).
-
-    Shards are copies: a pickled view would ship its whole base tensor to every actor.
-    """
-    return [{k: v.chunk(world_size)[r].clone() for k, v in batch.items()} for r in range(world_size)]
-
-
-def check_rows(rows: int, world_size: int, micro_batch_size: int) -> None:
-    """A training batch must split into equal per-rank shards of whole micro-batches."""
-    per_step = world_size * micro_batch_size
-    if rows == 0 or rows % per_step != 0:
-        raise ValueError(
-            f"LearnerGroup.train_step: the batch has {rows} rows; it must be a positive multiple of "
-            f"learner world_size ({world_size}) x LearnerConfig.micro_batch_size ({micro_batch_size}) "
-            f"= {per_step}"
-        )
-
-
-def minibatch_normalisers(loss_mask: Tensor, batch_size: int) -> tuple[list[float], list[float]]:
-    """Per minibatch of `batch_size` consecutive rows: (loss-token counts, counts of rows with any
-    loss token), the global normalisers of `learner.algos.aggregate`.
-
-    A count of 0 (a minibatch without loss tokens, whose loss is 0 anyway) is reported as 1, since the
-    aggregation requires positive normalisers.
-    """
-    rows, seq = loss_mask.shape
-    if rows == 0 or rows % batch_size != 0:
-        raise ValueError(
-            f"LearnerGroup.train_rl_step: the RL batch has {rows} rows; it must be a positive multiple of "
-            f"LearnerConfig.batch_size ({batch_size}), the sequences of one minibatch (one optimizer step)"
-        )
-    selected = (loss_mask != 0).view(rows // batch_size, batch_size, seq)  # (M, batch_size, T)
-    num_tokens = selected.sum(dim=(1, 2)).clamp(min=1)  # (M,)
-    num_seqs = selected.any(dim=2).sum(dim=1).clamp(min=1)  # (M,)
-    return [float(n) for n in num_tokens], [float(n) for n in num_seqs]
-
-
-def minibatch_rank_rows(rows: int, batch_size: int, world_size: int) -> list[Tensor]:
-    """Row indices of each rank: the rank's contiguous chunk of every minibatch, minibatch by minibatch."""
-    per_rank = batch_size // world_size
-    starts = torch.arange(0, rows, batch_size)  # (M,) first row of each minibatch
-    offsets = torch.arange(per_rank)  # (per_rank,)
-    return [(starts[:, None] + r * per_rank + offsets[None, :]).reshape(-1) for r in range(world_size)]
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How one RL step's rows reach the ranks, and what each minibatch is normalised by.
-
-    Per minibatch m: `rows[m]` rows on every rank (the same on every rank, so that every rank runs the
-    same number of micro-batches and DeepSpeed's collectives stay in step; with rows left out it need
-    not be a multiple of micro_batch_size, and the last micro-batch is then smaller),
-    `num_tokens[m]` / `num_seqs[m]` the loss normalisers of ALL its rows, `trained_tokens[m]` the loss tokens of the rows trained (the
-    metrics' normaliser; equal to `num_tokens[m]` when nothing is skipped).
-    """
-
-    rows: list[int]
-    num_tokens: list[float]
-    num_seqs: list[float]
-    trained_tokens: list[float]
-    skipped_rows_frac: float
-
-
-def plan_rl_step(
-    advantages: Tensor,
-    loss_mask: Tensor,
-    batch_size: int,
-    world_size: int,
-    skip_zero_advantage: bool,
-) -> tuple[StepPlan, list[Tensor], list[Tensor]]:
-    """(plan, row index of each rank, padding flags of each rank) for a batch of (B, T) tensors.
-
-    Without skipping, rank r gets the r-th contiguous chunk of every minibatch (`minibatch_rank_rows`).
-    With it, the rows of a minibatch whose advantages are 0 on every loss token are left out and the
-    rest cut into `world_size` contiguous chunks, each padded to the same length (at least one row:
-    the optimizer step of an all-zero minibatch still runs, as AdamW's moments and the schedule would
-    have moved). A padding row repeats a row of its minibatch and is flagged: the caller zeroes its
-    loss mask and advantages (`take_rows`), so it adds nothing to loss or metrics.
-    """
-    num_tokens, num_seqs = minibatch_normalisers(loss_mask, batch_size)
-    total = loss_mask.shape[0]
-    if not skip_zero_advantage:
-        index = minibatch_rank_rows(total, batch_size, world_size)
-        pad = [torch.zeros(len(i), dtype=torch.bool) for i in index]
-        per_rank = [batch_size // world_size] * len(num_tokens)
-        return StepPlan(per_rank, num_tokens, num_seqs, num_tokens, 0.0), index, pad
-    on_mask = loss_mask != 0  # (B, T)
-    live = ((advantages != 0) & on_mask).any(dim=1)  # (B,) rows with any gradient
-    index_parts: list[list[Tensor]] = [[] for _ in range(world_size)]
-    pad_parts: list[list[Tensor]] = [[] for _ in range(world_size)]
-    per_rank, trained = [], []
-    for start in range(0, total, batch_size):
-        kept = start + torch.nonzero(live[start:start + batch_size]).flatten()  # (k,)
-        rows = max(1, math.ceil(len(kept) / world_size))
-        per_rank.append(rows)
-        trained.append(max(1.0, float(on_mask[kept].sum())))
-        for rank in range(world_size):
-            mine = kept[rank * rows:(rank + 1) * rows]
-            fill = rows - len(mine)
-            index_parts[rank].append(torch.cat([mine, torch.full((fill,), start, dtype=torch.long)]))
-            pad_parts[rank].append(torch.cat([torch.zeros(len(mine), dtype=torch.bool),
-                                              torch.ones(fill, dtype=torch.bool)]))
-    index = [torch.cat(parts) for parts in index_parts]
-    pad = [torch.cat(parts) for parts in pad_parts]
-    skipped = 1.0 - float(live.sum()) / total
-    return StepPlan(per_rank, num_tokens, num_seqs, trained, skipped), index, pad
-
-
-def take_rows(batch: dict[str, Tensor], index: Tensor, pad: Tensor) -> dict[str, Tensor]:
-    """The rows `index` of every (B, T) tensor (copies), with padding rows' loss mask and advantages 0."""
-    out = {key: value[index] for key, value in batch.items()}
-    if bool(pad.any()):
-        for key in ("loss_mask", "advantages"):
-            if key in out:
-                out[key][pad] = 0
-    return out
 
 
 def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -231,6 +115,17 @@ class LearnerGroup:
         tokens), `advantages` (B, T) (0 off the mask), optional `rollout_logprobs` (B, T). B must be a
         multiple of `batch_size`. Runs `ppo_epochs * B / batch_size` optimizer steps.
         """
+        return self._rl_step(batch, None)[0]
+
+    def train_rl_step_and_publish(self, batch: dict[str, Tensor], version: int) -> tuple[dict[str, float], WeightHandle]:
+        """`train_rl_step`, then learner rank 0 publishes the new weights as `version` in the same call
+        (`attach_weights` first; not for a `rendezvous` transport, whose readers must be waiting: use
+        `publish_weights` there). Returns the metrics (with `perf/weight_publish_s`) and the handle."""
+        metrics, handle = self._rl_step(batch, version)
+        assert handle is not None
+        return metrics, handle
+
+    def _rl_step(self, batch: dict[str, Tensor], version: int | None) -> tuple[dict[str, float], WeightHandle | None]:
         required = BATCH_KEYS + RL_KEYS
         missing = [k for k in required if k not in batch]
         if missing:
@@ -241,25 +136,28 @@ class LearnerGroup:
         keys = required + tuple(k for k in RL_OPTIONAL_KEYS if k in batch)
         tensors = {k: batch[k] for k in keys}
         refs = [
-            actor.train_rl_step.remote(take_rows(tensors, rows, rows_pad), plan)
+            actor.train_rl_step.remote(take_rows(tensors, rows, rows_pad), plan, version)
             for actor, rows, rows_pad in zip(self.actors, index, pad)
         ]
-        return combine_metrics(ray.get(refs))
+        results = ray.get(refs)
+        return combine_metrics([metrics for metrics, _ in results]), results[0][1]
 
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-token log-probabilities (B, T) under the current weights; any number of rows."""
         return self._scored(batch, "logprobs")  # type: ignore[return-value]
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`LearnerWorker.prepare` over the whole batch: `old_logprobs` (+ `ref_logprobs` with a reference
-        model, `values` with a critic), each (B, T); the driver estimates advantages from them and passes
-        them back in the `train_rl_step` batch, which then does not score them again."""
-        out: dict[str, Tensor] = {}
-        if self.cfg.old_logprobs == "rollout":
-            out["old_logprobs"] = batch["rollout_logprobs"].float()  # the workers' prepare skips them
-            if not (self.cfg.kl_coef > 0 or self.cfg.kl_reward_coef > 0 or self.cfg.critic.enabled):
-                return out  # nothing left for the workers to score
-        return out | self._scored(batch, "prepare")  # type: ignore[operator]
+        """What the driver reads before it can estimate advantages, (B, T) each: `old_logprobs` and
+        `ref_logprobs` for a KL reward (`kl_reward_coef > 0`), `values` for a critic; nothing (and no
+        Ray call) otherwise. The driver passes them back in the `train_rl_step` batch, which then does
+        not score them again."""
+        if not prepares(self.cfg):
+            return {}
+        out = self._scored(batch, "prepare")
+        assert isinstance(out, dict)
+        if self.cfg.kl_reward_coef > 0 and self.cfg.old_logprobs == "rollout":
+            out["old_logprobs"] = batch["rollout_logprobs"].float()  # pi_old is the sampler's
+        return out
 
     def _scored(self, batch: dict[str, Tensor], method: str) -> Tensor | dict[str, Tensor]:
         """Row shards of `batch` through every rank's `method`, concatenated back in row order."""
@@ -279,6 +177,21 @@ class LearnerGroup:
         """Full weights (HF names, CPU tensors), gathered from every rank and returned by rank 0."""
         return ray.get([actor.state_dict_for_rollout.remote() for actor in self.actors])[0]
 
+    def attach_weights(self, spec: WeightSpec) -> None:
+        """Make learner rank 0 the weight publisher of `spec.transport` (`weights.TRANSPORTS`)."""
+        ray.get([actor.attach_weights.remote(spec) for actor in self.actors])
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> Any:
+        """For a `rendezvous` transport: start rank 0's join as rank 0 of the weight group on
+        `host:port` (the rollout actors join as 1..N at the same time); the ref to wait on."""
+        return self.actors[0].join_weight_group.remote(host, port, world_size)
+
+    def publish_weights(self, version: int) -> WeightHandle:
+        """Learner rank 0 publishes the current weights as `version` (every rank takes part: ZeRO-3
+        gathers each parameter); returns the handle the rollout actors load."""
+        handles = ray.get([actor.publish_weights.remote(version) for actor in self.actors])
+        return handles[0]
+
     def save(self, directory: str) -> None:
         """DeepSpeed checkpoint in `directory/deepspeed`, HF export in `directory/hf`."""
         ray.get([actor.save.remote(directory) for actor in self.actors])
@@ -288,7 +201,18 @@ class LearnerGroup:
         ray.get([actor.load.remote(directory) for actor in self.actors])
 
     def shutdown(self) -> None:
-        """Kill the actors (their processes, and with them the process group)."""
+        """Close rank 0's weight publisher (its `shm` slots), then kill the actors (their processes,
+        and with them the process group)."""
+        try:
+            ray.get([actor.close_weights.remote() for actor in self.actors], timeout=30)
+        except Exception as exc:  # noqa: BLE001 -- a dead or hung rank: `remove_orphans` takes the slots later
+            warnings.warn(f"LearnerGroup.shutdown: rank 0's weight publisher did not close ({exc})", stacklevel=2)
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def prepares(cfg: LearnerConfig) -> bool:
+    """Whether the driver reads learner outputs before it can estimate advantages: a KL reward needs
+    k1(old, ref) per token, GAE the critic's values. Otherwise advantages come from rewards alone."""
+    return cfg.kl_reward_coef > 0 or cfg.critic.enabled

@@ -14,10 +14,10 @@ import time
 import ray
 
 from rollout.config import RolloutConfig
-from rollout.doorbell import DoorbellServer
 from rollout.types import Response, Sampling
-from rollout.weight_sync import WeightHandle, WeightSyncError, load_published, recheck
 from verifiers.base import Task
+from weights import WeightHandle, WeightSyncError, load_published, recheck, transport
+from weights.doorbell import DoorbellServer
 
 
 @ray.remote(num_cpus=1)
@@ -48,7 +48,7 @@ class RolloutActor:
             return self.worker.generate(tasks, n, sampling)
 
     def open_doorbell(self, path: str) -> str:
-        """Serve `update_weights` for handles sent to the UNIX socket `path` (`rollout.doorbell`);
+        """Serve `update_weights` for handles sent to the UNIX socket `path` (`weights.doorbell`);
         returns the path once it listens."""
         if self.doorbell is not None:
             self.doorbell.close()
@@ -56,14 +56,17 @@ class RolloutActor:
         return path
 
     def update_weights(self, handle: WeightHandle) -> dict[str, float]:
-        """Fetch the published weights (version and checksum verified), load them in place."""
+        """Fetch the published weights (version and checksum verified), load them in place. For a
+        `rendezvous` transport, wait in the publisher's broadcast for `handle.version`."""
+        if transport(handle.transport).rendezvous:
+            with self.lock:
+                return {"rollout/weight_load_s": self.worker.receive_broadcast(handle.version)}
         with self.lock:
             start = time.perf_counter()
             try:
                 state = load_published(handle)
                 fetch_s = time.perf_counter() - start
-                share = handle.transport == "shm" and handle.shareable
-                load_s = self.worker.load_weights(state, handle.version, share=share)
+                load_s = self.worker.load_weights(state, handle.version, share=handle.shareable)
                 try:
                     recheck(handle)  # shm: the views were not rewritten while they loaded
                 except WeightSyncError:
@@ -90,11 +93,8 @@ class RolloutActor:
         return {
             "backend": self.worker.cfg.backend,
             "cpu_linear": str(getattr(backend, "cpu_linear", "")),
-            "load_path": str(getattr(backend, "load_path", "")),
+            "load_path": str(getattr(getattr(backend, "load_path", ""), "value", "")),
         }
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
         self.worker.join_broadcast(host, port, rank, world_size)
-
-    def receive_broadcast(self, version: int) -> dict[str, float]:
-        return {"rollout/weight_load_s": self.worker.receive_broadcast(version)}

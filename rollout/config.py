@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weights import TRANSPORTS, WeightSpec
+
 BACKENDS = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_SYNCS = ("shm", "ray", "nccl")
+WEIGHT_SYNCS = tuple(TRANSPORTS)
 WEIGHT_NOTIFIES = ("socket", "ray")
 CPU_LINEARS = ("auto", "onednn", "torch")
 
@@ -68,21 +70,21 @@ class RolloutConfig:
     """The GEMM of vLLM's linear layers on CPU: `onednn` (vLLM's own: weights re-packed into
     oneDNN's blocked layout, so every weight load packs them again), `torch` (`F.linear` on weights
     kept as loaded: a weight load is a plain in-place copy) or `auto` -- `torch` for models of hidden
-    size <= 128 (the demo's: generation as fast as oneDNN, a weight load ~5x faster), `onednn` above
-    (measured on this 2-core CPU: 5% faster generation at hidden 256, 41% at 512)."""
+    size <= 128 (the demo's: generation as fast as oneDNN, weight loads much faster), `onednn` above,
+    where its generation is faster (docs/benchmarks.md, "Measurements behind the code")."""
 
     enforce_eager: bool = True
     """Run vLLM without CUDA graphs / torch.compile (fast start-up; on CPU the only tested mode)."""
 
     weight_sync: str = "shm"
-    """Weight transport learner -> rollout: `shm` (same node, safetensors buckets in shm_dir),
-    `ray` (object store, any node) or `nccl` (GPU broadcast)."""
+    """Weight transport learner rank 0 -> rollout (`weights.TRANSPORTS`): `shm` (same node,
+    safetensors buckets in shm_dir), `ray` (object store, any node) or `nccl` (GPU broadcast)."""
 
     weight_notify: str = "socket"
     """How the driver hands an `shm` publish to the actors: `socket` (a UNIX socket to a thread each
-    actor keeps waiting, `rollout.doorbell`: tens of microseconds) or `ray` (an actor call: ~1.5-3 ms
-    on this 2-core machine, more than the demo's whole 4 MiB copy). The `ray` and `nccl` transports
-    always use Ray calls."""
+    actor keeps waiting, `weights.doorbell`: tens of microseconds) or `ray` (an actor call, which
+    costs more than the demo's whole 4 MiB copy). The `ray` and `nccl` transports always use Ray
+    calls."""
 
     shm_dir: str = "/dev/shm"
     """Parent directory of the `shm` transport's bucket files (a tmpfs for speed)."""
@@ -97,6 +99,10 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         validate_rollout_config(self)
+
+    def weight_spec(self) -> WeightSpec:
+        """What learner rank 0 builds its weight publisher from."""
+        return WeightSpec(self.weight_sync, self.bucket_mb * 2**20, self.shm_dir)
 
 
 def validate_rollout_config(cfg: RolloutConfig) -> None:

@@ -4,6 +4,10 @@ Tasks are split into N contiguous, near-equal slices (one per actor, generated c
 responses come back in task order, `n` per task, so the caller can view rewards as (prompts, n).
 Seeded sampling depends on (seed, task id, sample index), not on which actor served a task, so the
 split does not change what is sampled.
+
+Weights are published elsewhere (learner rank 0, `weights.make_publisher`); the group hands the
+`WeightHandle` to every actor -- over the doorbell sockets for a `same_node` transport, by Ray calls
+otherwise -- and, for a `rendezvous` transport, starts the actors' loads before the publish.
 """
 
 from __future__ import annotations
@@ -12,19 +16,19 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 import torch
-from torch import Tensor
 
 from rollout.actor import RolloutActor
-from rollout.broadcast import BroadcastPublisher, free_port
 from rollout.config import RolloutConfig
-from rollout.doorbell import Doorbell
 from rollout.types import Response, Sampling
-from rollout.weight_sync import BELL_PREFIX, WeightHandle, WeightSync, make_weight_sync, remove_orphans
 from verifiers.base import Task
+from weights import BELL_PREFIX, WeightHandle, WeightSync, make_publisher, transport
+from weights.doorbell import Doorbell
+from weights.nccl import free_port
 
 
 def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
@@ -39,7 +43,7 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 
 
 class RolloutGroup:
-    """The rollout side of the loop: generation across actors, weight publication to all of them."""
+    """The rollout side of the loop: generation across actors, weight handles to all of them."""
 
     def __init__(
         self,
@@ -65,20 +69,14 @@ class RolloutGroup:
         ]
         self.startup_s = ray.get([actor.ready.remote() for actor in self.actors])
         self.version = 0
-        self.sync: WeightSync | None = None
-        self.publisher: BroadcastPublisher | None = None
+        self.transport = transport(cfg.weight_sync)
         self.doorbells: list[Doorbell] = []
         self._doorbell_dir: str | None = None
-        if cfg.weight_sync == "nccl":
-            self.publisher = self._join_broadcast()
-        else:
-            remove_orphans(cfg.shm_dir)  # what SIGKILLed runs left in this run's shm_dir
-            self.sync = make_weight_sync(cfg)
-        if cfg.weight_sync == "shm" and cfg.weight_notify == "socket":
+        if self.transport.same_node and cfg.weight_notify == "socket":
             self.doorbells = self._open_doorbells()
 
     def _open_doorbells(self) -> list[Doorbell]:
-        """One UNIX socket per actor (`rollout.doorbell`), in a short-named directory of this node's
+        """One UNIX socket per actor (`weights.doorbell`), in a short-named directory of this node's
         temp dir (a socket path must stay under ~100 bytes), removed by `shutdown`."""
         self._doorbell_dir = tempfile.mkdtemp(prefix=f"{BELL_PREFIX}{os.getpid()}-")  # owner pid: see remove_orphans
         paths = ray.get(
@@ -89,10 +87,52 @@ class RolloutGroup:
         )
         return [Doorbell(path, f"rollout actor {rank}") for rank, path in enumerate(paths)]
 
-    def _ring_doorbells(self, handle: WeightHandle) -> list[dict[str, float]]:
-        """Every actor's metrics for `handle`, handed over by the doorbells (all rung before any reply
-        is read, so the actors load at once); every reply is read before the first error is raised,
-        so no stale reply waits on a socket."""
+    def join_weight_group(self, host: str, port: int) -> list[Any]:
+        """For a `rendezvous` transport: start every actor's join as rank 1..N of a weight group of
+        N + 1 on `host:port` (rank 0, the publisher, joins at the same time); the refs to wait on."""
+        world = len(self.actors) + 1
+        return [actor.join_broadcast.remote(host, port, rank + 1, world) for rank, actor in enumerate(self.actors)]
+
+    def update_weights(self, publish: Callable[[int], WeightHandle], version: int) -> dict[str, float]:
+        """Have `publish(version)` (the learner's, or a publisher's in this process) publish the weights
+        and every actor load them; returns timing metrics."""
+        self._check_version(version)
+        start = time.perf_counter()
+        if self.transport.rendezvous:  # the readers wait in the broadcast the publisher starts
+            loads = [actor.update_weights.remote(WeightHandle.expected(self.cfg.weight_sync, version))
+                     for actor in self.actors]
+            handle = publish(version)
+            publish_s = time.perf_counter() - start
+            per_actor = ray.get(loads)
+        else:
+            handle = publish(version)
+            publish_s = time.perf_counter() - start
+            per_actor = self._deliver(handle)
+        return self._served(handle, publish_s, time.perf_counter() - start, per_actor)
+
+    def load_weights(self, handle: WeightHandle, publish_s: float = 0.0) -> dict[str, float]:
+        """Have every actor load weights already published as `handle` (not a `rendezvous` transport's:
+        those use `update_weights`); `publish_s` is what the publish took, for the metrics."""
+        if self.transport.rendezvous:
+            raise ValueError(f"RolloutGroup.load_weights: a {handle.transport} publish needs the readers "
+                             "waiting before it starts; use update_weights")
+        self._check_version(handle.version)
+        start = time.perf_counter()
+        per_actor = self._deliver(handle)
+        return self._served(handle, publish_s, publish_s + time.perf_counter() - start, per_actor)
+
+    def _check_version(self, version: int) -> None:
+        if version <= self.version:
+            raise ValueError(
+                f"weight version must increase: serving {self.version}, asked to publish {version}"
+            )
+
+    def _deliver(self, handle: WeightHandle) -> list[dict[str, float]]:
+        """Every actor's metrics for loading `handle`: over the doorbells (all rung before any reply is
+        read, so the actors load at once; every reply read before the first error is raised, so no
+        stale reply waits on a socket), or by Ray calls."""
+        if not self.doorbells:
+            return ray.get([actor.update_weights.remote(handle) for actor in self.actors])
         for bell in self.doorbells:
             bell.ring(handle)
         replies: list[dict[str, float]] = []
@@ -106,18 +146,16 @@ class RolloutGroup:
             raise errors[0]
         return replies
 
-    def _join_broadcast(self) -> BroadcastPublisher:
-        """Rendezvous of this process (rank 0, the publisher) with every actor (ranks 1..N)."""
-        host = ray.util.get_node_ip_address()
-        port = free_port(host)
-        world = len(self.actors) + 1
-        joins = [
-            actor.join_broadcast.remote(host, port, rank + 1, world) for rank, actor in enumerate(self.actors)
-        ]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        publisher = BroadcastPublisher(host, port, world, device)  # returns once every actor has joined
-        ray.get(joins)
-        return publisher
+    def _served(self, handle: WeightHandle, publish_s: float, sync_s: float,
+                per_actor: list[dict[str, float]]) -> dict[str, float]:
+        self.version = handle.version
+        return {
+            "rollout/weight_version": float(handle.version),
+            "perf/weight_publish_s": publish_s,
+            "perf/weight_sync_s": sync_s,
+            "perf/weight_load_s": max(m["rollout/weight_load_s"] for m in per_actor),
+            "perf/weight_bytes": float(handle.num_bytes),
+        }
 
     def generate(self, tasks: list[Task], n: int, sampling: Sampling) -> list[Response]:
         """`n` responses per task, in task order (task i's responses at [i*n, (i+1)*n))."""
@@ -127,41 +165,12 @@ class RolloutGroup:
         futures = [actor.generate.remote(part, n, sampling) for actor, part in slices if part]
         return [response for part in ray.get(futures) for response in part]
 
-    def update_weights(self, state: dict[str, Tensor], version: int) -> dict[str, float]:
-        """Publish `state` as `version` and have every actor load it; returns timing metrics."""
-        if version <= self.version:
-            raise ValueError(
-                f"weight version must increase: serving {self.version}, asked to publish {version}"
-            )
-        start = time.perf_counter()
-        if self.publisher is not None:  # nccl: receivers wait in the broadcast the publisher starts
-            receives = [actor.receive_broadcast.remote(version) for actor in self.actors]
-            handle: WeightHandle = self.publisher.publish(state, version)
-            publish_s = time.perf_counter() - start
-            per_actor = ray.get(receives)
-        else:
-            assert self.sync is not None
-            handle = self.sync.publish(state, version)
-            publish_s = time.perf_counter() - start
-            if self.doorbells:
-                per_actor = self._ring_doorbells(handle)
-            else:
-                per_actor = ray.get([actor.update_weights.remote(handle) for actor in self.actors])
-        self.version = version
-        return {
-            "rollout/weight_version": float(version),
-            "perf/weight_publish_s": publish_s,
-            "perf/weight_sync_s": time.perf_counter() - start,
-            "perf/weight_load_s": max(m["rollout/weight_load_s"] for m in per_actor),
-            "perf/weight_bytes": float(handle.num_bytes),
-        }
-
     def versions(self) -> list[int]:
         """The version each actor serves (all equal after `update_weights`)."""
         return ray.get([actor.version.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
-        """Kill the actors and remove published weights."""
+        """Kill the actors and close the doorbells."""
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
@@ -170,7 +179,18 @@ class RolloutGroup:
         self.doorbells = []
         if self._doorbell_dir is not None:
             shutil.rmtree(self._doorbell_dir, ignore_errors=True)
-        if self.sync is not None:
-            self.sync.close()
-        if self.publisher is not None:
-            self.publisher.close()
+
+
+def local_publisher(group: RolloutGroup) -> WeightSync:
+    """A publisher in this process for `group`'s transport, joined to its actors when the transport
+    needs a rendezvous: what tests, benchmarks and driver-only tools publish with (an RL run's
+    publisher is learner rank 0, `LearnerGroup.attach_weights`). The caller closes it."""
+    publisher = make_publisher(group.cfg.weight_spec())
+    if group.transport.rendezvous:
+        host = ray.util.get_node_ip_address()
+        port = free_port(host)
+        joins = group.join_weight_group(host, port)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        publisher.join(host, port, 0, len(group.actors) + 1, device)  # type: ignore[attr-defined]
+        ray.get(joins)
+    return publisher

@@ -89,7 +89,7 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def join_broadcast(self, host: str, port: int, rank: int, world_size: int) -> None:
-        """Join the `nccl` transport's weight group (see `rollout.broadcast`)."""
+        """Join the `nccl` transport's weight group (see `weights.nccl`)."""
         self.backend.join_broadcast(host, port, rank, world_size)
 
     def receive_broadcast(self, version: int) -> float:

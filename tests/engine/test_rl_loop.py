@@ -107,11 +107,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, what: str) -> None:
         time.sleep(0.1)
 
 
-def _leftovers(pid: int, shm_dir: Path) -> list[Path]:
-    """The shared-memory weight slots and doorbell socket dirs of the driver `pid`."""
+def _leftovers(pids: list[int], shm_dir: Path) -> list[Path]:
+    """The shared-memory weight slots (learner rank 0's) and doorbell socket dirs (the driver's) that
+    processes `pids` own."""
     import tempfile
 
-    return [*shm_dir.glob(f"assay-weights-{pid}-*"), *Path(tempfile.gettempdir()).glob(f"assay-bell-{pid}-*")]
+    return [path for pid in pids
+            for path in (*shm_dir.glob(f"assay-weights-{pid}-*"), *Path(tempfile.gettempdir()).glob(f"assay-bell-{pid}-*"))]
 
 
 @pytest.mark.slow
@@ -153,7 +155,8 @@ def test_rl_runs_killed_or_stopped_resume_exactly_and_leave_nothing(ray_local, p
             proc.wait(timeout=30)
         for pid in _alive(children):  # only processes this test started
             os.kill(pid, signal.SIGKILL)
-    assert len(_leftovers(proc.pid, killed_dir)) == 2  # a weight slot dir and a doorbell dir
+    killed_pids = [proc.pid, *children]
+    assert len(_leftovers(killed_pids, killed_dir)) == 2  # a weight slot dir and a doorbell dir
 
     killed = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
     assert {1, 2} <= set(killed) and 3 not in killed
@@ -181,10 +184,10 @@ def test_rl_runs_killed_or_stopped_resume_exactly_and_leave_nothing(ray_local, p
     assert "Traceback" not in out
     time.sleep(2)
     assert not _alive(stopped_children), f"processes outlived the stopped run: {_alive(stopped_children)}"
-    assert _leftovers(stopped.pid, stopped_dir) == []  # a clean stop removes its own
+    assert _leftovers([stopped.pid, *stopped_children], stopped_dir) == []  # a clean stop removes its own
 
     resumed = run_stage(compose_config([*args(killed_dir, "save_every=1"), "resume=true"]))
-    assert _leftovers(proc.pid, killed_dir) == []  # the next start removed what the killed run left
+    assert _leftovers(killed_pids, killed_dir) == []  # the next start removed what the killed run left
     resumed_stop = run_stage(compose_config([*args(stopped_dir, "steps=4"), "resume=true"]))
     fresh = run_stage(compose_config(args(fresh_dir, "steps=4")))
     before = {r["step"]: r for r in read_metrics(fresh.run_dir / "metrics.jsonl")}
@@ -230,11 +233,13 @@ def trained_learner(ray_local, tiny_model):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("transport", ["shm", "ray"])
-@pytest.mark.parametrize("backend", [pytest.param("vllm", marks=pytest.mark.vllm), "hf"])
+@pytest.mark.parametrize(("backend", "transport"), [
+    pytest.param("vllm", "shm", marks=pytest.mark.vllm), pytest.param("vllm", "ray", marks=pytest.mark.vllm),
+    pytest.param("vllm", "nccl", marks=pytest.mark.vllm), ("hf", "shm"), ("hf", "ray")])
 def test_synced_rollout_logprobs_match_the_learner(trained_learner, tiny_model, tmp_path, backend, transport) -> None:
-    """After publishing the learner's updated weights, the rollout's sampled-token logprobs are the
-    learner's own recomputation, within 1e-4 in fp32."""
+    """After learner rank 0 publishes its updated weights (through each transport of the table, `nccl`
+    over gloo here), the rollout's sampled-token logprobs are the learner's own recomputation, within
+    1e-4 in fp32."""
     import torch
 
     from engine.rl import rl_batch
@@ -249,7 +254,16 @@ def test_synced_rollout_logprobs_match_the_learner(trained_learner, tiny_model, 
                         shm_dir=str(tmp_path))
     rollout = RolloutGroup(cfg, tiny_model)
     try:
-        rollout.update_weights(state, version=1)
+        learner.attach_weights(cfg.weight_spec())
+        if rollout.transport.rendezvous:
+            import ray
+
+            from weights.nccl import free_port
+
+            port = free_port()
+            ray.get([learner.join_weight_group("127.0.0.1", port, 2), *rollout.join_weight_group("127.0.0.1", port)])
+        metrics = rollout.update_weights(learner.publish_weights, version=1)
+        assert metrics["perf/weight_bytes"] == sum(t.numel() * t.element_size() for t in state.values())
         tasks = [Task(id=f"t{i}", prompt=f"What is {i}+{i}?\n", reference="", verifier="math") for i in range(3)]
         responses = rollout.generate(tasks, 2, Sampling(temperature=1.0, max_tokens=12, seed=0))
         assert rollout.versions() == [1] and {r.weight_version for r in responses} == {1}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from learner.config import LearnerConfig
-from learner.group import LearnerGroup, check_rows, combine_metrics, shard_rows
+from learner.group import LearnerGroup, combine_metrics
 from tests.learner.conftest import make_batch
 
 STEPS = 3
@@ -121,19 +121,6 @@ def test_resume_in_a_new_group(
         fresh.shutdown()
     assert resumed == pytest.approx(uninterrupted, rel=1e-6)
     assert (Path(ckpt) / "hf" / "model.safetensors").exists()
-
-
-def test_shards_partition_the_rows() -> None:
-    batch = {"input_ids": torch.arange(12).view(6, 2)}
-    shards = shard_rows(batch, 3)
-    assert [s["input_ids"][:, 0].tolist() for s in shards] == [[0, 2], [4, 6], [8, 10]]
-    assert torch.equal(torch.cat([s["input_ids"] for s in shards]), batch["input_ids"])
-
-
-def test_uneven_batch_is_rejected() -> None:
-    check_rows(8, world_size=2, micro_batch_size=2)
-    with pytest.raises(ValueError, match=r"world_size \(2\) x LearnerConfig.micro_batch_size \(2\) = 4"):
-        check_rows(6, world_size=2, micro_batch_size=2)
 
 
 def test_combine_metrics_sums_shares_and_keeps_optimizer_numbers() -> None:

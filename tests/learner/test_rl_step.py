@@ -17,14 +17,7 @@ import torch
 
 from learner.algos import entropy_from_logits
 from learner.config import CriticConfig, LearnerConfig, validate
-from learner.group import (
-    LearnerGroup,
-    free_port,
-    minibatch_normalisers,
-    minibatch_rank_rows,
-    plan_rl_step,
-    take_rows,
-)
+from learner.group import LearnerGroup, free_port
 from learner.worker import LearnerWorker
 from tests.learner.conftest import make_batch
 
@@ -68,19 +61,6 @@ def row_mean_logprobs(worker: LearnerWorker, batch: dict[str, torch.Tensor]) -> 
 
 
 # ---- pure helpers --------------------------------------------------------------------------------
-
-
-def test_minibatch_normalisers_and_rank_rows() -> None:
-    mask = torch.zeros(8, 5)
-    mask[0, 1:3] = 1  # minibatch 0: 2 tokens in 1 row
-    mask[5, 1:] = 1  # minibatch 1: 4 tokens in 1 row
-    mask[6, 4] = 1  # ... plus 1 token in another row
-    assert minibatch_normalisers(mask, 4) == ([2.0, 5.0], [1.0, 2.0])
-    # a minibatch without loss tokens reports 1 (its loss is 0 either way)
-    assert minibatch_normalisers(torch.zeros(4, 5), 4) == ([1.0], [1.0])
-    # 2 minibatches of 4 over 2 ranks: each rank takes its half of each minibatch
-    rows = minibatch_rank_rows(8, 4, 2)
-    assert [r.tolist() for r in rows] == [[0, 1, 4, 5], [2, 3, 6, 7]]
 
 
 @pytest.mark.parametrize(
@@ -190,29 +170,6 @@ def test_rollout_old_logprobs_equal_to_the_learners_give_the_same_update(tiny_mo
         w.close()
     for name, tensor in weights["learner"].items():
         torch.testing.assert_close(weights["rollout"][name], tensor, rtol=0, atol=1e-6)
-
-
-def test_plan_leaves_zero_advantage_rows_out() -> None:
-    # 2 minibatches of 4 rows, 2 ranks, 2 loss tokens per row; minibatch 1 has no gradient
-    mask = torch.ones(8, 3)
-    mask[:, 0] = 0
-    adv = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0])[:, None] * mask  # (8, 3)
-    plan, index, pad = plan_rl_step(adv, mask, batch_size=4, world_size=2, skip_zero_advantage=True)
-    # minibatch 0 keeps rows 0, 2, 3: two per rank, rank 1 padded; minibatch 1 keeps none, but its
-    # optimizer step still runs on one padding row per rank
-    assert plan.rows == [2, 1]
-    assert [i.tolist() for i in index] == [[0, 2, 4], [3, 0, 4]]
-    assert [p.tolist() for p in pad] == [[False, False, True], [False, True, True]]
-    assert (plan.num_tokens, plan.num_seqs, plan.trained_tokens) == ([8.0, 8.0], [4.0, 4.0], [6.0, 1.0])
-    assert plan.skipped_rows_frac == 5 / 8
-    taken = take_rows({"loss_mask": mask, "advantages": adv}, index[1], pad[1])
-    assert taken["loss_mask"].tolist() == [[0, 1, 1], [0, 0, 0], [0, 0, 0]]
-    assert taken["advantages"].tolist() == [[0, 2, 2], [0, 0, 0], [0, 0, 0]]
-    assert mask.sum() == 16 and adv[0, 1] == 1.0  # the batch itself is untouched
-    full, index, pad = plan_rl_step(adv, mask, 4, 2, skip_zero_advantage=False)
-    assert (full.rows, full.trained_tokens, full.skipped_rows_frac) == ([2, 2], full.num_tokens, 0.0)
-    assert [i.tolist() for i in index] == [[0, 1, 4, 5], [2, 3, 6, 7]]
-    assert not any(p.any() for p in pad)
 
 
 SKIP_BATCH = rl_batch(8, seed=8, row_advantages=[1.0, 0.0, -0.5, 2.0, 0.0, 0.0, 0.0, 0.0])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,22 @@ from learner.algos.sft import token_logprobs
 from verifiers.base import Task
 
 PROMPTS = ["What is 3+4?\n", "What is 9-2?\n", "Answer: 1"]
+
+
+_PUBLISHERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def serve(group: Any, state: dict[str, torch.Tensor], version: int) -> dict[str, float]:
+    """Publish `state` as `version` from this process, as learner rank 0 does in a run (one publisher
+    per group, closed with it), and have every actor of the `RolloutGroup` load it."""
+    from rollout.group import local_publisher
+
+    if group not in _PUBLISHERS:
+        publisher = local_publisher(group)
+        _PUBLISHERS[group] = publisher
+        weakref.finalize(group, publisher.close)
+    publisher = _PUBLISHERS[group]
+    return group.update_weights(lambda v: publisher.publish(state, v), version)
 
 
 def make_tasks(prompts: list[str] = PROMPTS) -> list[Task]:

@@ -14,7 +14,6 @@ import pytest
 
 from rollout.config import RolloutConfig
 from rollout.types import Sampling
-from rollout.weight_sync import RayWeightSync, ShmWeightSync, WeightSyncError
 from rollout.worker import RolloutWorker
 from tests.rollout.conftest import (
     corrupt_first_bucket,
@@ -23,6 +22,7 @@ from tests.rollout.conftest import (
     reference_greedy,
     reference_logprobs,
 )
+from weights import RayWeightSync, ShmWeightSync, WeightSyncError
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.backends import _sample_tokens, _stop_cut, make_backend
+from rollout.backends import make_backend
+from rollout.hf_backend import _sample_tokens, _stop_cut
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

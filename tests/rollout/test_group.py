@@ -9,7 +9,7 @@ from rollout.config import RolloutConfig
 from rollout.group import RolloutGroup, split_evenly
 from rollout.types import Sampling
 from rollout.worker import RolloutWorker
-from tests.rollout.conftest import make_tasks, perturbed_state, reference_logprobs
+from tests.rollout.conftest import make_tasks, perturbed_state, reference_logprobs, serve
 
 PROMPTS5 = ["What is 3+4?\n", "What is 9-2?\n", "Answer: 1", "What is 5+5?\n", "What is 8-3?\n"]
 
@@ -45,7 +45,7 @@ def test_group_gathers_in_task_order_and_matches_one_worker(group, model_dir):
 @pytest.mark.slow
 def test_update_weights_reaches_every_actor(group, model_dir):
     state = perturbed_state(model_dir, seed=4)
-    metrics = group.update_weights(state, version=1)
+    metrics = serve(group, state, version=1)
     assert metrics["rollout/weight_version"] == 1.0 and metrics["perf/weight_bytes"] > 0
     assert group.versions() == [1, 1]
     got = group.generate(make_tasks(PROMPTS5), 1, Sampling(temperature=0.0, max_tokens=6))
@@ -54,7 +54,7 @@ def test_update_weights_reaches_every_actor(group, model_dir):
         expected = reference_logprobs(model_dir, r.prompt_ids, r.response_ids, state)
         assert r.rollout_logprobs == pytest.approx(expected, abs=1e-4)
     with pytest.raises(ValueError, match="weight version must increase: serving 1, asked to publish 1"):
-        group.update_weights(state, version=1)
+        serve(group, state, version=1)
 
 
 @pytest.mark.ray
@@ -62,7 +62,7 @@ def test_update_weights_reaches_every_actor(group, model_dir):
 @pytest.mark.slow
 def test_two_vllm_actors_serve_and_take_broadcast_weights(ray_local, model_dir):
     pytest.importorskip("vllm")
-    # weight_sync nccl: the group's process broadcasts to both engines (over gloo on this CPU machine)
+    # weight_sync nccl: this process (as learner rank 0 would) broadcasts to both engines (over gloo on this CPU machine)
     cfg = RolloutConfig(backend="vllm", max_model_len=128, kv_cache_gib=0.25, weight_sync="nccl")
     group = RolloutGroup(cfg, model_dir, num_workers=2)  # two in-process engines side by side
     try:
@@ -72,7 +72,7 @@ def test_two_vllm_actors_serve_and_take_broadcast_weights(ray_local, model_dir):
         got = group.generate(tasks, 1, greedy)
         assert [r.response_ids for r in got] == [r.response_ids for r in hf.generate(tasks, 1, greedy)]
         state = perturbed_state(model_dir, seed=6)
-        group.update_weights(state, version=1)
+        serve(group, state, version=1)
         assert group.versions() == [1, 1]
         for r in group.generate(tasks, 1, greedy):
             assert r.weight_version == 1
@@ -98,7 +98,7 @@ def test_cuda_vllm_actors_take_nccl_broadcast_weights(ray_local, model_dir):
         tasks = make_tasks(PROMPTS5)
         greedy = Sampling(temperature=0.0, max_tokens=6)
         state = perturbed_state(model_dir, seed=8)
-        group.update_weights(state, version=1)
+        serve(group, state, version=1)
         assert group.versions() == [1, 1]
         for r in group.generate(tasks, 1, greedy):
             assert r.weight_version == 1

@@ -2,10 +2,10 @@
 `WeightHandle` of a publish over a UNIX socket and reads the actor's metrics back, instead of making
 a Ray actor call (`rollout.weight_notify=socket`, the default with `shm`).
 
-Why: at the demo's size a weight update moves 4 MiB, and a Ray actor call costs more than the copy
-(1.5 ms for a no-op call on this 2-core machine, ~3 ms around the update itself, against 2-3 ms for
-an in-process `load_state_dict`). A message of a few hundred bytes over a UNIX socket to a thread
-the actor keeps waiting costs a few tens of microseconds. The `shm` transport needs the driver and
+Why: at the demo's size a weight update moves 4 MiB, and a Ray actor call costs about as much as an
+in-process `load_state_dict` of it; a message of a few hundred bytes over a UNIX socket to a thread
+the actor keeps waiting costs a hundredth of that (docs/benchmarks.md, "Measurements behind the
+code"). The `shm` transport needs the driver and
 every actor on one node anyway; `ray` and `nccl` keep their Ray calls.
 
 Frames are a 4-byte big-endian length and a JSON object: the handle's fields one way, `{"ok":
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from rollout.weight_sync import WeightHandle, WeightSyncError
+from weights import WeightHandle, WeightSyncError, transport
 
 _LENGTH = struct.Struct(">I")
 
@@ -109,8 +109,8 @@ class Doorbell:
 
     def ring(self, handle: WeightHandle) -> None:
         """Hand `handle` to the actor; `answer` collects its reply (ring every actor first)."""
-        if handle.transport != "shm":
-            raise ValueError(f"the weight doorbell carries shm handles, not {handle.transport!r}")
+        if not transport(handle.transport).same_node:
+            raise ValueError(f"the weight doorbell carries same-node handles (shm), not {handle.transport!r}")
         _send(self.conn, asdict(handle))
 
     def answer(self) -> dict[str, float]:

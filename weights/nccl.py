@@ -1,4 +1,4 @@
-"""The `nccl` weight transport: learner rank 0 broadcasts every tensor to all rollout workers.
+"""The `nccl` transport: learner rank 0 broadcasts every tensor to all rollout workers.
 
 One process group joins the publisher (rank 0) and the N rollout workers (ranks 1..N). It is made
 with vLLM's `stateless_init_torch_distributed_process_group`, so it leaves each process's default
@@ -10,8 +10,9 @@ tensor), then each tensor in state order. Receivers allocate, receive and verify
 The checksum is computed on the tensors' device (`device_checksum`): copying a large model to the
 CPU for CRC-32 would cost more than the broadcast.
 
-Ordering contract: the publisher and all receivers must enter `publish` / `receive` for the same
-version together (the group calls `receive` on every actor, then `publish`, then waits).
+Ordering contract (`rendezvous`): the publisher and all readers enter `publish` / `load` for the same
+version together: the driver starts every rollout actor's load (with `WeightHandle.expected`), then
+the learner's publish, then waits for both.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import pickle
 import socket
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from rollout.weight_sync import WeightHandle, WeightSyncError
+from weights.base import WeightHandle, WeightSpec, WeightSyncError, nbytes
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK = 1 << 24  # elements per checksum chunk: bounds the int64 temporary to 128 MiB
@@ -67,17 +68,31 @@ def _join(host: str, port: int, rank: int, world_size: int, backend: str) -> Any
     return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend)
 
 
-class BroadcastPublisher:
-    """Rank 0 of the weight group: `publish(state, version)` broadcasts to every receiver.
+class NcclWeightSync:
+    """The weight group of one run: rank 0 (learner rank 0) publishes, ranks 1..N (the rollout
+    workers, on their engines' devices) load. `join` first, on every rank at once: it blocks until
+    all `world_size` ranks have joined."""
 
-    Creating it blocks until all `world_size - 1` receivers have joined (start their joins first).
-    """
+    same_node: ClassVar[bool] = False
+    rendezvous: ClassVar[bool] = True
 
-    def __init__(self, host: str, port: int, world_size: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.rank = -1
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_spec(cls, spec: WeightSpec) -> NcclWeightSync:
+        return cls()  # buckets do not apply: every tensor is its own broadcast
+
+    def join(self, host: str, port: int, rank: int, world_size: int, device: str | torch.device) -> None:
         self.device = torch.device(device)
-        self.group = _join(host, port, 0, world_size, group_backend(self.device))
+        self.rank = rank
+        self.group = _join(host, port, rank, world_size, group_backend(self.device))
 
     def publish(self, state: dict[str, Tensor], version: int) -> WeightHandle:
+        if self.rank != 0:
+            raise WeightSyncError(f"rank {self.rank} of the nccl weight group loads weights; rank 0 publishes")
         tensors = {name: t.detach().to(self.device).contiguous() for name, t in state.items()}
         checksum = device_checksum(tensors)
         header = {
@@ -88,42 +103,38 @@ class BroadcastPublisher:
         _send_object(self.group, header, self.device)
         for tensor in tensors.values():
             self.group.broadcast(tensor, 0).wait()
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return WeightHandle("nccl", version, checksum, None, len(tensors), nbytes)
+        return WeightHandle("nccl", version, checksum, None, len(tensors), nbytes(tensors))
 
     def load(self, handle: WeightHandle) -> dict[str, Tensor]:
-        raise WeightSyncError("the nccl publisher (rank 0) sends weights; receivers load them")
-
-    def close(self) -> None:
-        self.group = None
-
-
-class BroadcastReceiver:
-    """Rank `rank` (>= 1) of the weight group, on `device` (the rollout engine's device)."""
-
-    def __init__(self, host: str, port: int, rank: int, world_size: int, device: str | torch.device) -> None:
-        self.device = torch.device(device)
-        self.group = _join(host, port, rank, world_size, group_backend(self.device))
-
-    def receive(self, version: int) -> dict[str, Tensor]:
-        """The state published as `version`, verified against the header's checksum."""
+        """The state broadcast as `handle.version`, verified against the header's checksum (and the
+        handle's, when the handle comes from the publish rather than `WeightHandle.expected`)."""
+        if self.rank < 1:
+            raise WeightSyncError("the nccl weight group's rank 0 publishes weights; ranks >= 1 load them")
         header = _receive_object(self.group, self.device)
         state: dict[str, Tensor] = {}
         for name, dtype, shape in header["tensors"]:
             tensor = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
             self.group.broadcast(tensor, 0).wait()
             state[name] = tensor
-        if header["version"] != version:
+        if header["version"] != handle.version:
             raise WeightSyncError(
-                f"the nccl broadcast carried weight version {header['version']}, but version {version} was requested"
+                f"the nccl broadcast carried weight version {header['version']}, but version "
+                f"{handle.version} was requested"
             )
         got = device_checksum(state)
-        if got != header["checksum"]:
-            raise WeightSyncError(
-                f"weight version {version} from the nccl broadcast fails its checksum: expected "
-                f"{header['checksum']}, got {got}"
-            )
+        for expected in {header["checksum"], handle.checksum} - {""}:
+            if got != expected:
+                raise WeightSyncError(
+                    f"weight version {handle.version} from the nccl broadcast fails its checksum: "
+                    f"expected {expected}, got {got}"
+                )
         return state
+
+    def recheck(self, handle: WeightHandle) -> None:
+        """The received tensors are this reader's own: nothing can change under them."""
+
+    def close(self) -> None:
+        self.group = None
 
 
 def _send_object(group: Any, obj: object, device: torch.device) -> None:

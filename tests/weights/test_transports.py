@@ -1,5 +1,6 @@
-"""Weight transports: round trips, bucketing, and clear errors for corrupt or mismatched versions.
-(Loading published weights into a serving worker is tested in test_actor.py / test_group.py.)"""
+"""Weight transports: the table, round trips, bucketing, and clear errors for corrupt or mismatched
+versions. (Loading published weights into a serving worker: tests/rollout/test_actor.py, test_group.py;
+`nccl`'s broadcast: test_nccl.py.)"""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import torch
 import xxhash
 
 from rollout.config import RolloutConfig
-from rollout.weight_sync import (
+from weights import (
+    TRANSPORTS,
+    NcclWeightSync,
     RayWeightSync,
     ShmWeightSync,
     WeightHandle,
+    WeightSpec,
     WeightSyncError,
-    bucket_names,
-    copy_one_thread,
-    make_weight_sync,
-    mapped_safetensors,
+    load_published,
+    make_publisher,
+    reader,
     recheck,
-    state_checksum,
 )
+from weights.base import bucket_names, copy_one_thread, state_checksum
+from weights.shm import mapped_safetensors
 
 
 def small_state() -> dict[str, torch.Tensor]:
@@ -130,11 +134,36 @@ def test_shm_wrong_version_or_checksum_is_named(tmp_path):
         sync.load(forged)
 
 
-def test_make_weight_sync_picks_the_configured_transport():
-    assert isinstance(make_weight_sync(RolloutConfig(weight_sync="shm")), ShmWeightSync)
-    assert isinstance(make_weight_sync(RolloutConfig(weight_sync="ray", bucket_mb=2)), RayWeightSync)
-    with pytest.raises(ValueError, match=r"rollout.weight_sync='nccl' needs a rendezvous"):
-        make_weight_sync(RolloutConfig(weight_sync="nccl"))
+def test_the_table_builds_each_configured_transport_and_says_what_it_needs(tmp_path):
+    shm = make_publisher(RolloutConfig(weight_sync="shm", shm_dir=str(tmp_path), bucket_mb=3).weight_spec())
+    assert isinstance(shm, ShmWeightSync) and (shm.shm_dir, shm.bucket_bytes) == (str(tmp_path), 3 * 2**20)
+    assert isinstance(make_publisher(RolloutConfig(weight_sync="ray", bucket_mb=2).weight_spec()), RayWeightSync)
+    assert isinstance(make_publisher(RolloutConfig(weight_sync="nccl").weight_spec()), NcclWeightSync)
+    assert {name: (kind.same_node, kind.rendezvous) for name, kind in TRANSPORTS.items()} == {
+        "shm": (True, False), "ray": (False, False), "nccl": (False, True)}
+    with pytest.raises(ValueError, match=r"rollout.weight_sync='tcp' is not one of \['nccl', 'ray', 'shm'\]"):
+        make_publisher(WeightSpec("tcp"))
+    with pytest.raises(WeightSyncError, match=r"a nccl handle is loaded by the reader that joined"):
+        reader("nccl")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", ["shm", "ray"])
+def test_each_stateless_transport_round_trips_a_state_with_version_and_checksum(name, tmp_path, ray_local):
+    publisher = make_publisher(WeightSpec(name, bucket_bytes=64, shm_dir=str(tmp_path)))
+    state = small_state()
+    handle = publisher.publish(state, 7)
+    assert (handle.transport, handle.version, handle.num_tensors) == (name, 7, 4)
+    assert handle.num_bytes == 64 + 32 + 8 + 64
+    loaded = load_published(handle)  # this process's reader, through the handle only
+    assert list(loaded) == list(state) or sorted(loaded) == sorted(state)
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items())
+    recheck(handle)  # nothing rewritten since
+    with pytest.raises(WeightSyncError, match=r"version 8"):
+        load_published(WeightHandle(name, 8, handle.checksum, handle.location))
+    with pytest.raises(WeightSyncError, match=r"fails its checksum"):
+        load_published(WeightHandle(name, 7, "0" * 16, handle.location))
+    publisher.close()
 
 
 @pytest.mark.ray
