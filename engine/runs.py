@@ -20,6 +20,7 @@ from engine.config import AssayConfig, to_yaml
 from engine.metrics import MetricsSink
 from engine.models import check_weights, prepare_model_dir
 from engine.tasks import TaskSource, load_task_source
+from engine.tasks.files import TaskFileError
 
 # Where a stage starts from when `model.path` is unset: the newest export of an earlier stage of the
 # same run, in this order, else a freshly built tiny model.
@@ -128,21 +129,55 @@ def open_stage(cfg: AssayConfig, verifiers: bool = False) -> Stage:
     if verifiers and cfg.verifier.endpoint:  # the service builds the verifiers: it must answer
         check_endpoint(cfg.verifier.endpoint, cfg.verifier.timeout_s)
     elif verifiers:
-        check_verifiers({t.verifier for t in source.eval_tasks(cfg.task.eval_size)}, cfg.verifier.options)
+        built = check_verifiers({t.verifier for t in source.eval_tasks(cfg.task.eval_size)}, cfg.verifier.options)
+        check_references(source, built, cfg.verifier.options)
     run_dir, resume_from = open_run(cfg)
     return Stage(run_dir, resume_from, source, model_dir)
 
 
-def check_verifiers(names: set[str], options: dict[str, dict[str, Any]]) -> None:
+def check_verifiers(names: set[str], options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Build each verifier once here, so an unknown name, a bad option or a missing sandbox stops the run
-    before anything starts (the pool's workers build their own copies)."""
+    before anything starts (the pool's workers build their own copies); returns them by name."""
     from verifiers import registry
 
+    built = {}
     for name in sorted(names):
         try:
-            registry.load(name, **options.get(name, {}))
+            built[name] = registry.load(name, **options.get(name, {}))
         except Exception as err:
             raise VerifierSetupError(f"verifier {name!r} cannot be built: {type(err).__name__}: {err}") from err
+    return built
+
+
+def check_references(source: TaskSource, built: dict[str, Any], options: dict[str, dict[str, Any]]) -> None:
+    """For a source that lists its rows' references (`references()`: `(where, verifier, reference)`, as
+    `task=file` does), have each row's verifier check its reference (`check_reference`, where the
+    verifier has one), so a reference no verifier can read stops the run before training, naming its
+    lines -- instead of a `bad_reference` verdict, a dropped sample, at every step it is drawn."""
+    from verifiers import registry
+
+    listed = getattr(source, "references", None)
+    if listed is None:
+        return
+    bad: list[tuple[str, str]] = []
+    total = 0
+    for where, name, reference in listed():
+        if name not in built:
+            built[name] = registry.load(name, **options.get(name, {}))
+        check = getattr(built[name], "check_reference", None)
+        if check is None:
+            continue
+        total += 1
+        why = check(reference)
+        if why is not None:
+            bad.append((where, why))
+    bad.sort(key=lambda item: _file_line(item[0]))
+    if bad:
+        shown = "; ".join(f"{where}: {why}" for where, why in bad[:5]) + (f"; ... and {len(bad) - 5} more"
+                                                                         if len(bad) > 5 else "")
+        raise TaskFileError(f"{len(bad)} of {total} references cannot be read by their verifier, so their samples "
+                            f"could never be scored: {shown} (fix or drop those rows; the math verifier's "
+                            "verifier.options.math.reference=auto|whole|extract says how a reference is read)")
 
 
 def check_endpoint(endpoint: str, timeout_s: float) -> None:
@@ -156,6 +191,12 @@ def check_endpoint(endpoint: str, timeout_s: float) -> None:
         raise VerifierSetupError(f"verifier.endpoint={endpoint}: {errors.one_line(err)}") from None
     finally:
         client.close()
+
+
+def _file_line(where: str) -> tuple[str, int]:
+    """`("data.jsonl", 17)` for `"data.jsonl:17"`, to list rows in file order."""
+    path, _, line = where.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (where, 0)
 
 
 class VerifierSetupError(RuntimeError):

@@ -30,8 +30,9 @@ ERROR_COUNTERS: dict[str, tuple[str, ...]] = {
     "timeout": ("timeouts", "restarts"),
     "crash": ("crashes", "restarts"),
     "lost": ("crashes",),
+    "bad_reference": ("bad_references",),
 }
-STEP_COUNTERS = ("infra_errors", "timeouts", "crashes", "restarts")
+STEP_COUNTERS = ("infra_errors", "timeouts", "crashes", "restarts", "bad_references")
 
 
 class VerifierInfraError(RuntimeError):
@@ -90,7 +91,8 @@ def score_on_actors(actors: list[Any], items: list[tuple[str, Task]]) -> list[Ve
 
 def step_verifier_metrics(judged: list[tuple[Task, Verdict]], step: int, max_infra_error_frac: float) -> dict[str, float]:
     """One step's verifier counters from its `(task, verdict)` pairs: `verifier/<name>/{infra_errors,
-    timeouts, crashes, restarts}` for every verifier used and `verifier/infra_error_frac` over all.
+    timeouts, crashes, restarts, bad_references}` for every verifier used and `verifier/infra_error_frac`
+    over all.
 
     Prints one `[assay]` warning when the step had any infra error (they are left out of the loss, so
     without it a broken verifier only shows as a smaller batch), and raises VerifierInfraError, naming

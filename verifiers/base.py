@@ -39,7 +39,9 @@ INFRA_ERRORS = {
     "crash": "the worker process died mid-verification and was replaced",
     "lost": "the item's worker was lost without a verdict",
     "invalid_score": "a score that is not a finite number inside the verifier's score_range",
-    "unjudged": "the verifier returned score None itself (a bad reference, a sandbox that could not start)",
+    "unjudged": "the verifier returned score None itself (a sandbox that could not start, ...)",
+    "bad_reference": "the task's reference is not an answer the verifier can read (a data error: a task file "
+                     "with one is refused at load, see `Verifier.check_reference`)",
 }
 
 DEFAULT_SCORE_RANGE = (0.0, 1.0)
@@ -96,7 +98,10 @@ class Verifier(Protocol):
     """Anything with a `name` and a `verify` that never raises on model output.
 
     A verifier may declare `score_range = (lo, hi)` (default DEFAULT_SCORE_RANGE): the pool turns a
-    score outside it, or a non-finite one, into an `invalid_score` infra error.
+    score outside it, or a non-finite one, into an `invalid_score` infra error. It may also define
+    `check_reference(reference) -> str | None` (why a task's reference is unusable, None when it is
+    fine): a task file is then checked row by row when its source is built, so a bad reference stops
+    the run before training instead of dropping samples mid-run (`bad_reference` verdicts).
     """
 
     name: str

@@ -14,9 +14,16 @@ Stdout stays pure JSONL: what the verifier prints, in its worker processes, is c
 `<output>.log` next to `--output`, else `assay-verify.log` in the current directory; the file is
 created only when a verifier printed something.
 
-Exit codes: 0 every item was judged; 2 a usage or input error (a bad line, unknown verifier or
-option; the message names it, nothing is scored); 3 some items were infra errors (every line is
-still written; the summary counts them).
+A line whose reference the verifier cannot read (a gold solution with no parsable answer, say)
+gets `score: null`, `outcome: infra_error`, `error: bad_reference` and the reason, and is counted in
+the summary's `bad_reference`; it does not change the exit code (the file's data, not the verifier,
+is at fault). `--strict` checks every reference first (the verifier's `check_reference`) and refuses
+the file, naming its lines, before scoring anything.
+
+Exit codes: 0 every item was judged, or left unjudged only for a bad reference; 2 a usage or input
+error (a bad line, unknown verifier or option, a bad reference under `--strict`; the message names
+it, nothing is scored); 3 some items were infra errors of the verifier itself (every line is still
+written; the summary counts them).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="hard limit per response, seconds")
     parser.add_argument("--log", default=None, metavar="FILE",
                         help=f"where the verifier's captured output goes (default: OUTPUT.log, or {DEFAULT_LOG})")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse the file (exit 2) when a reference cannot be read, naming its lines")
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -82,10 +91,12 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def read_items(path: str, verifier: str) -> tuple[list[dict[str, Any]], list[tuple[str, Task]]]:
-    """The input records and their `(response, Task)` items; InputError names `path:line`."""
+def read_items(path: str, verifier: str) -> tuple[list[dict[str, Any]], list[tuple[str, Task]], list[str]]:
+    """The input records, their `(response, Task)` items and where each is (`path:line`); InputError
+    names `path:line`."""
     records: list[dict[str, Any]] = []
     items: list[tuple[str, Task]] = []
+    places: list[str] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -107,7 +118,8 @@ def read_items(path: str, verifier: str) -> tuple[list[dict[str, Any]], list[tup
             task = Task(str(rec.get("id", lineno)), rec.get("prompt", ""), rec["reference"], verifier, meta)
             records.append(rec)
             items.append((rec["response"], task))
-    return records, items
+            places.append(where)
+    return records, items, places
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -117,7 +129,9 @@ def run_verify(args: argparse.Namespace) -> int:
             if args.workers < 1 or args.timeout <= 0:
                 raise ValueError(f"--workers must be >= 1 and --timeout > 0, got {args.workers} and {args.timeout}")
             check_options(args.verifier, options)
-            records, items = read_items(args.input, args.verifier)
+            records, items, places = read_items(args.input, args.verifier)
+            if args.strict:
+                check_references(items, places, args.verifier, options)
         except (InputError, ValueError, UnknownVerifierError, OSError) as exc:
             print(f"assay verify: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -131,7 +145,22 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         sys.stdout.writelines(lines)
     print(json.dumps({"summary": summary(verdicts)}), file=sys.stderr)
-    return EXIT_INFRA_ERRORS if any(v.outcome == "infra_error" for v in verdicts) else 0
+    verifier_failed = any(v.outcome == "infra_error" and v.error != "bad_reference" for v in verdicts)
+    return EXIT_INFRA_ERRORS if verifier_failed else 0
+
+
+def check_references(items: list[tuple[str, Task]], places: list[str], verifier: str, options: dict[str, Any]) -> None:
+    """`--strict`: InputError naming every line whose reference the verifier cannot read (nothing when
+    the verifier has no `check_reference`)."""
+    from verifiers import registry
+
+    check = getattr(registry.load(verifier, **options), "check_reference", None)
+    if check is None:
+        return
+    bad = [f"{where}: {why}" for where, (_, task) in zip(places, items) if (why := check(task.reference)) is not None]
+    if bad:
+        more = f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InputError(f"{len(bad)} of {len(items)} references cannot be read (--strict): {'; '.join(bad[:5])}{more}")
 
 
 def _fields(v: Verdict) -> dict[str, Any]:
@@ -148,7 +177,7 @@ def summary(verdicts: list[Verdict]) -> dict[str, Any]:
         "count": len(verdicts),
         "mean_score": sum(scores) / len(scores) if scores else 0.0,
         "pass": outcomes["pass"], "fail": outcomes["fail"], "infra_error": outcomes["infra_error"],
-        "timeouts": errors["timeout"],
+        "timeouts": errors["timeout"], "bad_reference": errors["bad_reference"],
         "errors": dict(sorted(errors.items())),
     }
 

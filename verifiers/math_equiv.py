@@ -28,6 +28,12 @@ Rules (see `math_normalize` for the string rules and the percent policy):
 - `\\pm` expands to both signs when the gold has it; for a gold without it, it is hedging (False);
 - a bare list read against a tuple is read in order (`3, -1` for `(3, -1)`); a matrix answer must be
   a matrix (`(1, 2)` is not `\\begin{pmatrix}1\\\\2\\end{pmatrix}`);
+- labels are dropped, in order, on either side when a comparison fails otherwise: a left-hand side
+  that is a name -- a variable (`x`, `x_1`, `k'`), a tuple of variables (`(p,q)`), a segment (`AB`,
+  `|AB|`, `\\overline{AB}`), a function value (`f(x)`, `f(2)`), a ratio of names (`V_1:V_2`) --
+  before ONE `=` (`(p,q)=(3,2)` is `(3,2)`; `AB=4, CD=5` is `4, 5`; `V_1:V_2=11:21` is `11:21`); a left-hand side that is an expression (`x+y=3`) is part of the
+  answer (`unlabelled`);
+- a ratio of numbers (`7:32`) compares as written, never as a quotient (a clock time looks the same);
 - text answers compare case-insensitively, ignoring spaces and parentheses.
 """
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -101,8 +108,71 @@ def math_equal(gold: str, answer: str) -> bool:
     return compare(gold, answer).equal
 
 
+_NAME = (r"(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'*|[A-Z]{2,3}|\|[A-Z]{2,3}\||\\overline\{[A-Z]{2,3}\}"
+         r"|[A-Za-z]\(\s*[A-Za-z0-9]\s*\))")
+_LABELLED_RE = re.compile(
+    rf"(?:\(\s*{_NAME}(?:\s*,\s*{_NAME})+\s*\)|{_NAME}(?:\s*:\s*{_NAME})*)\s*=\s*(?P<value>[^=]+)")
+_SIZING_RE = re.compile(r"\\(?:left|right)(?=[(\[|.)\]])")
+
+
+def unlabelled(text: str) -> str:
+    """`text` with its labels dropped (see the module docstring: `(p,q)=(3,2)` -> `(3,2)`, `AB=4,
+    CD=5` -> `4, 5`), or `text` itself when it is not one labelled value or a list of them."""
+    t = _SIZING_RE.sub("", text).strip()
+    whole = _LABELLED_RE.fullmatch(t)
+    if whole is not None:
+        return whole.group("value").strip()
+    parts = _top_level_commas(t)
+    labelled = [_LABELLED_RE.fullmatch(p.strip()) for p in parts]
+    if len(parts) > 1 and all(labelled):
+        return ", ".join(m.group("value").strip() for m in labelled if m is not None)
+    return text
+
+
+def _top_level_commas(text: str) -> list[str]:
+    """`text` split at the commas outside any (), [], {} or |...|-free nesting."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def compare(gold: str, answer: str) -> Comparison:
     """Compare two answer strings; the reason says which rule decided."""
+    result = _compare(gold, answer)
+    if result.equal:
+        return result
+    plain_gold, plain_answer = unlabelled(gold), unlabelled(answer)
+    if (plain_gold, plain_answer) == (gold, answer):
+        return result
+    unlabelled_result = _compare(plain_gold, plain_answer)
+    if unlabelled_result.equal:
+        return Comparison(True, f"{unlabelled_result.reason} once labels are dropped")
+    return result if prepare(gold).error is None or prepare(plain_gold).error is not None else unlabelled_result
+
+
+_RATIO_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\s*:\s*-?\d+(?:\.\d+)?)+")
+"""A ratio of numbers (`7:32`): compared as written (a clock time looks the same, so never as a quotient)."""
+
+
+def usable_reference(gold: str) -> str | None:
+    """Why the gold answer `gold` cannot be judged against -- it does not parse, even with its labels
+    dropped, and is not a ratio of numbers -- or None."""
+    error = prepare(gold).error
+    plain = unlabelled(gold)
+    if error is None or prepare(plain).error is None or _RATIO_RE.fullmatch(prepare(plain).text):
+        return None
+    return error
+
+
+def _compare(gold: str, answer: str) -> Comparison:
     g, a = prepare(gold), prepare(answer)
     if g.text == a.text:
         return Comparison(True, "same normalised text")

@@ -68,9 +68,31 @@ def boxed_contents(text: str) -> list[tuple[int, int, str]]:
             pos = m.end()
 
 
+_DOUBLED_COMMAND_RE = re.compile(r"(?<!\\)\\\\(?=[A-Za-z])")
+"""Two backslashes before a command name (`\\\\boxed`): LaTeX escaped once more by a JSON export."""
+
+
+def undouble_backslashes(text: str) -> str:
+    """`text` with every doubled backslash before a command name made single (`\\\\boxed{5}` ->
+    `\\boxed{5}`); a LaTeX line break (`\\\\`) followed by a space, a digit or nothing stays."""
+    return _DOUBLED_COMMAND_RE.sub(lambda m: "\\", text)
+
+
+_LAST_IS_RE = re.compile(r"^.*[^\\A-Za-z](?:is|equals)\s+(?P<tail>\S.*)$", re.IGNORECASE | re.DOTALL)
+"""A sentence ending `... is X` / `... equals X`: the text after the LAST such verb."""
+
+
 def _strip_line_answer(body: str) -> str:
     body = body.strip().strip("*_").strip()
     body = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*", "", body, flags=re.IGNORECASE)
+    sentence = _LAST_IS_RE.match(body)
+    if sentence is not None and _PROSE_RE.search(body):
+        # "Final Answer: The largest $n$ is 34." -> 34: what the sentence says the answer is, when
+        # that is math (no word of prose in it), not the $n$ it is about.
+        tail = sentence.group("tail").rstrip().removesuffix(".").rstrip()
+        if tail and not _PROSE_RE.search(_MATH_BLOCK_RE.sub("", tail)):
+            whole = _MATH_BLOCK_RE.fullmatch(tail)
+            body = next(g for g in whole.groups() if g is not None).strip() if whole else tail
     blocks = list(_MATH_BLOCK_RE.finditer(body))
     if blocks and _PROSE_RE.search(_MATH_BLOCK_RE.sub("", body)):
         # "Answer: the number of ways is $12$." -> the math, not the prose around it.

@@ -9,7 +9,7 @@ What is removed or rewritten:
 - `\\left` / `\\right` / `\\big...`, `\\displaystyle`, spacing commands (`\\,` `\\!` `\\;` `\\:` `\\quad`
   `\\qquad` `~`, `\\ `);
 - `\\text{}` `\\textbf{}` `\\mathrm{}` `\\mathbf{}` `\\mbox{}` `\\operatorname{}` (content kept);
-- `\\dfrac` / `\\tfrac` -> `\\frac`; thousands separators (`1,000`, `1{,}000`, `1\\,000`);
+- `\\dfrac` / `\\tfrac` / `\\cfrac` -> `\\frac`; thousands separators (`1,000`, `1{,}000`, `1\\,000`);
 - degrees (`^\\circ`, `^{\\circ}`, `°`, `\\degree`, the word "degrees"): dropped, never converted
   to radians; `\\$` and `$`; a trailing full stop; a short list of unit words after a number;
 - a leading `x \\in` before an interval; the words "or" / "and" between answers become commas;
@@ -184,7 +184,8 @@ def normalize(answer: str) -> Normalized:
         return Normalized(text=whole, percent=False, is_text=True)
     s = _CONNECTIVE_RE.sub(",", s) if re.search(r"\d|\\|=", s) else s
     s = unwrap_commands(s, _TEXT_COMMANDS)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    s = s.replace("\\displaystyle", "")
     s = _SIZING_RE.sub("", s).replace("\\\\", "\x00")  # protect matrix row breaks
     s = _SPACING_RE.sub("", s).replace("\\ ", " ").replace("\x00", "\\\\")
     s = _DEGREE_RE.sub("", s)

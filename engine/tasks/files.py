@@ -107,6 +107,12 @@ class FileSource:
         self._epoch, self._pos = 0, 0
         self._order = self._permutation("train", 0)
 
+    def references(self) -> Iterator[tuple[str, str, Any]]:
+        """`(file:line, verifier, reference)` of every training and held-out row, for the engine to have
+        the verifier check each reference before a run starts (`engine.runs.check_references`)."""
+        for row in [*self._train, *self._eval]:
+            yield row.where, self.verifier, row.reference
+
     @classmethod
     def from_config(cls, cfg: TaskConfig, seed: int) -> FileSource:
         f = cfg.file

@@ -24,6 +24,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "latin1.jsonl").write_bytes(good.read_bytes().replace(b"What", b"Qu\xe9", 1).replace(b"\n", b"\n", 1))
     rows = good.read_text().splitlines()
     (root / "missing_field.jsonl").write_text("\n".join([*rows[:2], json.dumps({"prompt": "x"}), *rows[3:]]) + "\n")
+    unreadable = [json.loads(r) for r in rows]
+    unreadable[4]["answer"] = "\\frac{1}{"  # no closing brace: no verifier can read it
+    unreadable[9]["answer"] = "So we get \\boxed{"
+    (root / "bad_reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unreadable))
     corpus = [json.loads(r)["prompt"] for r in rows]
     model = prepare_model_dir(ModelConfig(), corpus, root / "model")
     config = json.loads((model / "config.json").read_text())
@@ -47,6 +51,8 @@ CASES = {
                             "latin1.jsonl:1: not UTF-8 text (byte 0xe9"),
     "task row without a field": (lambda i: _rl(i, f"task.file.path={i['root']}/missing_field.jsonl"), 1,
                                  "missing_field.jsonl:3: field"),
+    "references no verifier can read": (lambda i: _rl(i, f"task.file.path={i['root']}/bad_reference.jsonl"), 1,
+                                        "2 of 40 references cannot be read by their verifier"),
     "no model directory": (lambda i: _rl(i, f"model.path={i['root']}/no-model"), 1, "no such directory"),
     "config that does not fit the weights": (lambda i: _rl(i, f"model.path={i['model']}"), 1,
                                              "down_proj.weight has shape [64, 256] but"),

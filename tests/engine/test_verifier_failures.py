@@ -26,22 +26,23 @@ def test_step_counters_by_kind_and_one_warning(capsys: pytest.CaptureFixture[str
     verdicts = [Verdict(1.0), Verdict(0.0), infra_error("timeout", "timeout: verify ran past timeout_s=1"),
                 infra_error("crash", "crash: the worker died (exit code 13)"),
                 infra_error("error", "error: verify raised ValueError: x"), infra_error("error", "error: verify raised "
-                                                                                       "ValueError: x\n[output]")]
-    m = step_verifier_metrics(_judged(verdicts), step=3, max_infra_error_frac=0.7)
-    # 4 of 6 failed; a timeout and a crash each cost a worker restart
+                                                                                       "ValueError: x\n[output]"),
+                infra_error("bad_reference", "task 7: the reference '\\frac{1}{' cannot be parsed")]
+    m = step_verifier_metrics(_judged(verdicts), step=3, max_infra_error_frac=0.8)
+    # 5 of 7 failed; a timeout and a crash each cost a worker restart
     assert {k: v for k, v in m.items() if k.startswith("verifier/Checker/")} == {
-        "verifier/Checker/infra_errors": 4.0, "verifier/Checker/timeouts": 1.0, "verifier/Checker/crashes": 1.0,
-        "verifier/Checker/restarts": 2.0}
-    assert m["verifier/infra_error_frac"] == pytest.approx(4 / 6)
+        "verifier/Checker/infra_errors": 5.0, "verifier/Checker/timeouts": 1.0, "verifier/Checker/crashes": 1.0,
+        "verifier/Checker/restarts": 2.0, "verifier/Checker/bad_references": 1.0}
+    assert m["verifier/infra_error_frac"] == pytest.approx(5 / 7)
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith("[assay] warning: step 3: 4 of 6 verifications were infra errors")
-    assert "verifier 'Checker': 4, most often error (2x): error: verify raised ValueError: x;" in line
+    assert line.startswith("[assay] warning: step 3: 5 of 7 verifications were infra errors")
+    assert "verifier 'Checker': 5, most often error (2x): error: verify raised ValueError: x;" in line
 
 
 def test_a_clean_step_has_zero_counters_and_no_warning(capsys: pytest.CaptureFixture[str]) -> None:
     m = step_verifier_metrics(_judged([Verdict(1.0), Verdict(0.5)], "math"), step=1, max_infra_error_frac=0.5)
     assert m == {"verifier/math/infra_errors": 0.0, "verifier/math/timeouts": 0.0, "verifier/math/crashes": 0.0,
-                 "verifier/math/restarts": 0.0, "verifier/infra_error_frac": 0.0}
+                 "verifier/math/restarts": 0.0, "verifier/math/bad_references": 0.0, "verifier/infra_error_frac": 0.0}
     assert capsys.readouterr().out == ""
 
 

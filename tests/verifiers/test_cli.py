@@ -46,7 +46,7 @@ def test_verify_writes_scores_and_a_summary(tmp_path: Path, capsys: pytest.Captu
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])["summary"]
     # 3 responses, one correct -> mean 1/3
     assert summary == {"count": 3, "mean_score": pytest.approx(1 / 3), "pass": 1, "fail": 2, "infra_error": 0,
-                       "timeouts": 0, "errors": {}}
+                       "timeouts": 0, "bad_reference": 0, "errors": {}}
     assert not Path(f"{out}.log").exists()  # the verifier printed nothing: no log file
 
 
@@ -74,7 +74,7 @@ def test_verify_exits_3_when_the_verifier_fails(tmp_path: Path, capsys: pytest.C
     ]
     assert captured.out.count("ABOUT-TO-HANG") == 1 and rows[1]["reason"].endswith("ABOUT-TO-HANG\n")  # its reason
     summary = json.loads(captured.err.strip().splitlines()[-1])["summary"]
-    assert summary == {"count": 6, "mean_score": 0.5, "pass": 1, "fail": 1, "infra_error": 4, "timeouts": 1,
+    assert summary == {"count": 6, "mean_score": 0.5, "pass": 1, "fail": 1, "infra_error": 4, "timeouts": 1, "bad_reference": 0,
                        "errors": {"error": 1, "invalid_score": 2, "timeout": 1}}
     assert "ABOUT-TO-HANG" in (tmp_path / "v.log").read_text()
 
@@ -149,6 +149,26 @@ def test_verify_math_through_the_entry_point(tmp_path: Path, capsys: pytest.Capt
     ])
     assert main(["verify", "--verifier", "math", "--input", src, "--workers", "1", "--timeout", "30"]) == 0
     assert [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()] == [1.0, 0.0]
+
+
+def test_a_reference_the_math_verifier_cannot_read_is_null_counted_and_refused_only_with_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [
+        json.dumps({"response": "\\boxed{7}", "reference": "We add: $3+4 = \\boxed{7}$."}),  # a gold solution
+        json.dumps({"response": "\\boxed{7}", "reference": "\\frac{7}{"}),
+        json.dumps({"response": "\\boxed{1}, \\boxed{2}", "reference": "\\boxed{1} and \\boxed{2}"}),
+    ])
+    assert main(["verify", "--verifier", "math", "--input", src, "--workers", "1", "--timeout", "30"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["score"] for r in rows] == [1.0, None, 1.0]
+    assert rows[1]["error"] == "bad_reference" and "not parsable" in rows[1]["reason"], rows[1]
+    summary = json.loads(captured.err.strip().splitlines()[-1])["summary"]
+    assert (summary["bad_reference"], summary["infra_error"], summary["pass"]) == (1, 1, 2)
+    assert main(["verify", "--verifier", "math", "--input", src, "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert f"1 of 3 references cannot be read (--strict): {src}:2: the reference" in err
 
 
 def test_verify_unit_tests_through_the_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -132,6 +132,42 @@ def test_unparsable_reference_cannot_be_judged_unless_text_matches() -> None:
     assert "reference" in verdict.reason
 
 
+def test_a_bad_reference_is_its_own_infra_error_kind_counted_in_the_metrics() -> None:
+    verdict = MathVerifier().verify(r"\boxed{3}", _task(r"\frac{3}{"))
+    assert (verdict.score, verdict.outcome, verdict.error) == (None, "infra_error", "bad_reference")
+    assert verdict.metrics["verifier/math/bad_reference"] == 1.0
+    assert MathVerifier().verify(r"\boxed{3}", _task(None)).error == "bad_reference"
+
+
+def test_check_reference_says_why_before_any_response_is_scored() -> None:
+    verifier = MathVerifier()
+    assert verifier.check_reference("3") is None
+    assert verifier.check_reference(r"The sum is $\boxed{7}$.") is None  # a solution: its box
+    assert verifier.check_reference(7) is None
+    assert "cannot be parsed" in str(verifier.check_reference(r"\frac{3}{"))
+    assert "non-empty answer string" in str(verifier.check_reference(""))
+
+
+@pytest.mark.parametrize(("mode", "reference", "gold"), [
+    ("auto", r"The sum is $\boxed{7}$.", "7"),
+    ("auto", "7.", "7."),  # no marker: whole (the comparison ignores a sentence's period)
+    ("auto", r"\\boxed{\\frac{1}{2}}", r"\frac{1}{2}"),  # doubled by a JSON export
+    ("auto", r"\boxed{1} and \boxed{2}", "1, 2"),  # several boxes: the gold's values, in order
+    ("auto", r"\boxed{2} and \boxed{2}", "2"),
+    ("whole", r"The sum is $\boxed{7}$.", r"The sum is $\boxed{7}$."),
+    ("extract", "Answer: 7", "7"),
+])
+def test_the_reference_option_says_how_the_gold_is_read(mode: str, reference: str, gold: str) -> None:
+    assert MathVerifier(reference=mode).gold_answer(reference) == (gold, "")
+
+
+def test_reference_extract_requires_a_marker_and_a_bad_mode_is_named() -> None:
+    gold, why = MathVerifier(reference="extract").gold_answer("7")
+    assert gold is None and "no answer marker" in why
+    with pytest.raises(ValueError, match=r"option 'reference' must be one of \('auto', 'whole', 'extract'\)"):
+        MathVerifier(reference="boxed")
+
+
 HOSTILE = [
     "\\boxed{" * 50,
     "\\boxed{" + "{" * 500 + "}" * 500 + "}",
@@ -177,6 +213,9 @@ INTENDED_DISAGREEMENTS = {
     "ext-no-marker-strict": "strict extraction requires a marker; math-verify takes the last number",
     "ext-think-unterminated": "an unterminated <think> holds no answer; math-verify reads the box in it",
     "ext-answer-line-after-box": "the later Answer: line wins; math-verify prefers the earlier box",
+    "sent-final-answer-sentence-hedge": "'34 or 35' is two values for one; math-verify takes the first number",
+    "label-expression-lhs": "x+y on the left is part of the answer, not a label; math-verify reads the right side",
+    "ratio-not-a-quotient": "a ratio compares as written; math-verify reads 3:30 and 1:10 as equal quotients",
     # normalisation math-verify misses
     "norm-thin-space-thousands": "math-verify does not join 1\\,000",
     "norm-degrees-symbol": "math-verify does not strip the ° sign",
