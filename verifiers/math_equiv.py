@@ -34,6 +34,10 @@ Rules (see `math_normalize` for the string rules and the percent policy):
   before ONE `=` (`(p,q)=(3,2)` is `(3,2)`; `AB=4, CD=5` is `4, 5`; `V_1:V_2=11:21` is `11:21`); a left-hand side that is an expression (`x+y=3`) is part of the
   answer (`unlabelled`);
 - a ratio of numbers (`7:32`) compares as written, never as a quotient (a clock time looks the same);
+- a decimal comma is read only against a number written with a decimal point: one side is such a
+  number, the other exactly `digits,digits` with one comma and not three digits after it, or `0`
+  before it (`1,22` and `0,111` for `1.22` and `0.111`; `1,220` is always one thousand two hundred
+  and twenty; `1,2` against the gold `12` or `1, 2` is never a decimal);
 - text answers compare case-insensitively, ignoring spaces and parentheses.
 """
 
@@ -149,6 +153,11 @@ def compare(gold: str, answer: str) -> Comparison:
     result = _compare(gold, answer)
     if result.equal:
         return result
+    for g, a, other in ((_decimal_comma(gold), answer, answer), (gold, _decimal_comma(answer), gold)):
+        if g is not None and a is not None and _decimal_number(other):
+            decimal = _compare(g, a)
+            if decimal.equal:
+                return Comparison(True, f"{decimal.reason} (a decimal comma)")
     plain_gold, plain_answer = unlabelled(gold), unlabelled(answer)
     if (plain_gold, plain_answer) == (gold, answer):
         return result
@@ -156,6 +165,24 @@ def compare(gold: str, answer: str) -> Comparison:
     if unlabelled_result.equal:
         return Comparison(True, f"{unlabelled_result.reason} once labels are dropped")
     return result if prepare(gold).error is None or prepare(plain_gold).error is not None else unlabelled_result
+
+
+_DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
+
+
+def _decimal_comma(text: str) -> str | None:
+    """`text` with its one comma read as a decimal point when that is unambiguous (see the module
+    docstring), else None."""
+    m = _DECIMAL_COMMA_RE.fullmatch(prepare(text).text)
+    if m is None or (len(m.group(2)) == 3 and m.group(1).lstrip("-") != "0"):
+        return None
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def _decimal_number(text: str) -> bool:
+    """Whether `text` is one number written with a decimal point."""
+    p = prepare(text)
+    return p.has_decimal and isinstance(p.value, sympy.Basic) and p.value.is_number is True
 
 
 _RATIO_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\s*:\s*-?\d+(?:\.\d+)?)+")

@@ -9,7 +9,8 @@ What is removed or rewritten:
 - `\\left` / `\\right` / `\\big...`, `\\displaystyle`, spacing commands (`\\,` `\\!` `\\;` `\\:` `\\quad`
   `\\qquad` `~`, `\\ `);
 - `\\text{}` `\\textbf{}` `\\mathrm{}` `\\mathbf{}` `\\mbox{}` `\\operatorname{}` (content kept);
-- `\\dfrac` / `\\tfrac` / `\\cfrac` -> `\\frac`; thousands separators (`1,000`, `1{,}000`, `1\\,000`);
+- `\\dfrac` / `\\tfrac` / `\\cfrac` -> `\\frac`; thousands separators (`1,000`, `1{,}000`, `1\\,000`,
+  `11,\\! 111`, `1 000` and thin spaces: groups of exactly three digits);
 - degrees (`^\\circ`, `^{\\circ}`, `°`, `\\degree`, the word "degrees"): dropped, never converted
   to radians; `\\$` and `$`; a trailing full stop; a short list of unit words after a number;
 - a leading `x \\in` before an interval; the words "or" / "and" between answers become commas;
@@ -57,14 +58,19 @@ _TIGHT_UNIT_RE = re.compile(r"^(?P<value>.*?\d)(?:cm|mm|km|ft|kg|mph|cm\^2|cm\^3
 _SPACING_RE = re.compile(r"\\[,!;:>]|\\q?quad\b|~")
 _SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])\.?")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree\b|\s*\bdegrees?\b")
-_PERCENT_RE = re.compile(r"\\?%|\s*\bpercent\b")
-_THOUSANDS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:,|\{,\})\d{3})+)(?![\d])")
+_PERCENT_RE = re.compile(r"\\?%|\s*\b(?:percent(?:age)?|pct)\b")
+_THOUSANDS_RE = re.compile(r"(?<![\d.])([1-9]\d{0,2})((?:(?:,|\{,\})\d{3})+)(?![\d])")
+_SPACED_THOUSANDS_RE = re.compile(r"(?<![\d.,])(\d{1,3})((?: \d{3})+)(?![\d.,]| \d)")
+"""`1 000 000`: groups of exactly three digits after single spaces (a thin space reads as a space)."""
+_TIGHT_COMMA_RE = re.compile(r"(\d)(,|\{,\})\\[!,]\s*(?=\d{3}(?!\d))")
+"""`11,\\! 111`: a thousands comma followed by LaTeX spacing, as MATH writes large numbers."""
 _CONNECTIVE_RE = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\b(?:or|and)\b)\s*")
 _MATH_WORDS = frozenset({
     "pi", "e", "i", "inf", "infty", "infinity", "oo", "sqrt", "sin", "cos", "tan", "cot", "sec", "csc",
     "log", "ln", "exp", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
 })
-_UNICODE = {"−": "-", "–": "-", "×": "\\times ", "·": "\\cdot ", "÷": "\\div ", "π": "\\pi ",
+_UNICODE = {"\u2009": " ", "\u202f": " ", "\u00a0": " ",  # thin, narrow and no-break spaces
+            "−": "-", "–": "-", "×": "\\times ", "·": "\\cdot ", "÷": "\\div ", "π": "\\pi ",
             "∞": "\\infty ", "√": "\\sqrt ", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne "}
 _WORDS_RE = re.compile(r"^[A-Za-z][A-Za-z '\-]*[A-Za-z]$")
 
@@ -186,6 +192,7 @@ def normalize(answer: str) -> Normalized:
     s = unwrap_commands(s, _TEXT_COMMANDS)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = s.replace("\\displaystyle", "")
+    s = _TIGHT_COMMA_RE.sub(r"\1\2", s)
     s = _SIZING_RE.sub("", s).replace("\\\\", "\x00")  # protect matrix row breaks
     s = _SPACING_RE.sub("", s).replace("\\ ", " ").replace("\x00", "\\\\")
     s = _DEGREE_RE.sub("", s)
@@ -193,6 +200,7 @@ def normalize(answer: str) -> Normalized:
     percent = bool(_PERCENT_RE.search(s))
     s = _PERCENT_RE.sub("", s)
     s = _THOUSANDS_RE.sub(lambda m: m.group(1) + re.sub(r"\{,\}|,", "", m.group(2)), s)
+    s = _SPACED_THOUSANDS_RE.sub(lambda m: m.group(1) + m.group(2).replace(" ", ""), s)
     s = re.sub(r"^\s*[A-Za-z]\s*\\in(?![A-Za-z])\s*", "", s)
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
     m = _UNIT_RE.match(s) or _TIGHT_UNIT_RE.match(s)

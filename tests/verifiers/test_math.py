@@ -216,6 +216,8 @@ INTENDED_DISAGREEMENTS = {
     "sent-final-answer-sentence-hedge": "'34 or 35' is two values for one; math-verify takes the first number",
     "label-expression-lhs": "x+y on the left is part of the answer, not a label; math-verify reads the right side",
     "ratio-not-a-quotient": "a ratio compares as written; math-verify reads 3:30 and 1:10 as equal quotients",
+    "numfmt-decimal-comma": "math-verify does not read 1000,99 as a decimal against the gold 1000.99",
+    "numfmt-space-thousands": "math-verify does not join 1 000 000",
     # normalisation math-verify misses
     "norm-thin-space-thousands": "math-verify does not join 1\\,000",
     "norm-degrees-symbol": "math-verify does not strip the ° sign",
