@@ -38,6 +38,10 @@ Rules (see `math_normalize` for the string rules and the percent policy):
   number, the other exactly `digits,digits` with one comma and not three digits after it, or `0`
   before it (`1,22` and `0,111` for `1.22` and `0.111`; `1,220` is always one thousand two hundred
   and twenty; `1,2` against the gold `12` or `1, 2` is never a decimal);
+- `a \\approx b` means `b` when `a` is a name (`x \\approx 11` is 11) and the exact `a` otherwise
+  (`\\frac{1}{3} \\approx 0.33` is 1/3);
+- a multiple-choice letter compares as the letter: `C`, `(C)`, `C)`, `\\text{(C)}`;
+- a function value in an inequality is its one unknown (`0<f(x)<1` is the interval `(0, 1)`);
 - text answers compare case-insensitively, ignoring spaces and parentheses.
 """
 
@@ -158,6 +162,16 @@ def compare(gold: str, answer: str) -> Comparison:
             decimal = _compare(g, a)
             if decimal.equal:
                 return Comparison(True, f"{decimal.reason} (a decimal comma)")
+    letters = _choice(gold), _choice(answer)
+    if None not in letters:
+        same = letters[0] == letters[1]
+        return Comparison(same, "the same choice" if same else "another choice")
+    for read, how in ((_approximation, "read through \\approx"), (_one_unknown, "a function value as the unknown")):
+        g, a = read(gold), read(answer)
+        if (g, a) != (gold, answer):
+            read_result = _compare(g, a)
+            if read_result.equal:
+                return Comparison(True, f"{read_result.reason} ({how})")
     plain_gold, plain_answer = unlabelled(gold), unlabelled(answer)
     if (plain_gold, plain_answer) == (gold, answer):
         return result
@@ -165,6 +179,34 @@ def compare(gold: str, answer: str) -> Comparison:
     if unlabelled_result.equal:
         return Comparison(True, f"{unlabelled_result.reason} once labels are dropped")
     return result if prepare(gold).error is None or prepare(plain_gold).error is not None else unlabelled_result
+
+
+_APPROX_RE = re.compile(r"\\approx(?![A-Za-z])")
+_CHOICE_RE = re.compile(r"(?:\\text\{\s*)?\(?\s*([A-J])\s*\)?(?:\s*\})?")
+_FUNCTION_VALUE_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z])\(\s*[a-z]\s*\)")
+_INEQUALITY_RE = re.compile(r"<|>|\\[lg]eq?(?![A-Za-z])")
+
+
+def _approximation(text: str) -> str:
+    """`text` read through one `\\approx` (see the module docstring), or `text` itself."""
+    parts = _APPROX_RE.split(text)
+    if len(parts) != 2:
+        return text
+    left, right = parts[0].strip(), parts[1].strip()
+    if not left or not right:
+        return text
+    return right if re.fullmatch(_NAME, _SIZING_RE.sub("", left)) else left
+
+
+def _choice(text: str) -> str | None:
+    """The letter of a multiple-choice answer (`C`, `(C)`, `C)`, `\\text{(C)}`), else None."""
+    m = _CHOICE_RE.fullmatch(text.strip())
+    return m.group(1) if m is not None else None
+
+
+def _one_unknown(text: str) -> str:
+    """An inequality with its function values as plain unknowns (`0<f(x)<1` -> `0<f<1`)."""
+    return _FUNCTION_VALUE_RE.sub(r"\1", text) if _INEQUALITY_RE.search(text) else text
 
 
 _DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")

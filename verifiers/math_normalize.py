@@ -55,7 +55,8 @@ _UNIT_RE = re.compile(r"^(?P<value>.*?[\d}\)])\s+(?:" + _UNIT_ALT + r")\s*$")
 """A unit word after a space: `5 cm`, `12 square units`."""
 _TIGHT_UNIT_RE = re.compile(r"^(?P<value>.*?\d)(?:cm|mm|km|ft|kg|mph|cm\^2|cm\^3|m\^2|m\^3)\s*$")
 """A multi-letter unit glued to a number: `5cm` (single letters stay variables: `5m` is 5*m)."""
-_SPACING_RE = re.compile(r"\\[,!;:>]|\\q?quad\b|~")
+_SPACING_RE = re.compile(r"\\[,!;:>]|\\q?quad(?![a-z]{2})|~")
+"""LaTeX spacing; `\\quad` also when glued to a one-letter name (`\\quadx_2`)."""
 _SIZING_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])\.?")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree\b|\s*\bdegrees?\b")
 _PERCENT_RE = re.compile(r"\\?%|\s*\b(?:percent(?:age)?|pct)\b")

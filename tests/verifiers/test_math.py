@@ -218,6 +218,7 @@ INTENDED_DISAGREEMENTS = {
     "ratio-not-a-quotient": "a ratio compares as written; math-verify reads 3:30 and 1:10 as equal quotients",
     "numfmt-decimal-comma": "math-verify does not read 1000,99 as a decimal against the gold 1000.99",
     "numfmt-space-thousands": "math-verify does not join 1 000 000",
+    "choice-paren-close": "math-verify does not read 'C)' as the choice C",
     # normalisation math-verify misses
     "norm-thin-space-thousands": "math-verify does not join 1\\,000",
     "norm-degrees-symbol": "math-verify does not strip the ° sign",
