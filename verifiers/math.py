@@ -29,7 +29,13 @@ from typing import Any
 
 from verifiers.base import Task, Verdict
 from verifiers.math_equiv import Comparison, compare, is_single_valued, math_equal, prepare, usable_reference
-from verifiers.math_extract import MODES, Extraction, extract_answer, undouble_backslashes
+from verifiers.math_extract import (
+    MODES,
+    Extraction,
+    extract_answer,
+    undouble_backslashes,
+    undouble_if_all_doubled,
+)
 
 __all__ = ["Comparison", "Extraction", "MathVerifier", "compare", "extract_answer", "math_equal"]
 
@@ -89,7 +95,7 @@ class MathVerifier:
         if found.answer is None:
             return Verdict(0.0, found.reason, {"verifier/math/extracted": 0.0})
         metrics = {"verifier/math/extracted": 1.0, "verifier/math/hedged": 0.0}
-        answer = found.answer
+        answer = undouble_if_all_doubled(found.answer)
         values = list(dict.fromkeys(found.boxed))
         if len(values) > 1 and is_single_valued(prepare(gold)):
             if not all(math_equal(answer, other) for other in values):

@@ -82,6 +82,15 @@ _LAST_IS_RE = re.compile(r"^.*[^\\A-Za-z](?:is|equals)\s+(?P<tail>\S.*)$", re.IG
 """A sentence ending `... is X` / `... equals X`: the text after the LAST such verb."""
 
 
+def undouble_if_all_doubled(text: str) -> str:
+    """`text` with its backslashes halved when EVERY backslash in it is doubled (`\\\\left(1,2\\\\right)`,
+    a response escaped once more on its way); a single command anywhere (a real `\\\\` line break in
+    LaTeX with single-backslash commands around it) leaves it as it is."""
+    if "\\\\" not in text or "\\" in text.replace("\\\\", ""):
+        return text
+    return text.replace("\\\\", "\\")
+
+
 def _strip_line_answer(body: str) -> str:
     body = body.strip().strip("*_").strip()
     body = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s+is\s*:?\s*", "", body, flags=re.IGNORECASE)
