@@ -29,6 +29,7 @@ written; the summary counts them).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import signal
 import sys
@@ -200,6 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     try:
         with pool:
             try:
@@ -208,7 +210,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 print(f"assay serve-verifiers: {exc}", file=sys.stderr)
                 return EXIT_USAGE
             print(f"serving verifiers on {server.endpoint} with {args.workers} workers", flush=True)
-            stop.wait()
+            while not stop.wait(0.5):  # a timed wait: the main thread returns to run the signal handler
+                pass
             server.stop(grace_s=2.0)
     finally:
         for s, handler in previous.items():
