@@ -41,7 +41,9 @@ Rules (see `math_normalize` for the string rules and the percent policy):
 - `a \\approx b` means `b` when `a` is a name (`x \\approx 11` is 11) and the exact `a` otherwise
   (`\\frac{1}{3} \\approx 0.33` is 1/3);
 - a multiple-choice letter compares as the letter: `C`, `(C)`, `C)`, `\\text{(C)}`;
-- a function value in an inequality is its one unknown (`0<f(x)<1` is the interval `(0, 1)`);
+- a function value in an inequality is its one unknown (`0<f(x)<1` is the interval `(0, 1)`), and an
+  inequality on `|x|` is the set it describes (`1\\leq|z|\\leq \\frac{3}{2}` is
+  `[-\\frac{3}{2},-1]\\cup[1,\\frac{3}{2}]`);
 - text answers compare case-insensitively, ignoring spaces and parentheses.
 """
 
@@ -426,6 +428,8 @@ def inequality_set(r: Rel) -> sympy.Set | None:
     for lhs, op, rhs in zip(r.exprs, r.ops, r.exprs[1:]):
         part = _linear_solution(lhs - rhs, op, x)
         if part is None:
+            part = _abs_solution(lhs - rhs, op, x)
+        if part is None:
             if not _small_rational_polynomial(lhs - rhs, x):
                 return None
             try:
@@ -434,6 +438,26 @@ def inequality_set(r: Rel) -> sympy.Set | None:
                 return None
         result = result.intersect(part)
     return result
+
+
+def _abs_solution(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set | None:
+    """The solution set of `d op 0` when `d = a*|x| + b` with constant real a != 0 and b (`1 \\le |z|`
+    is `(-oo, -1] U [1, oo)`); else None."""
+    magnitude = sympy.Abs(x)
+    a = d.coeff(magnitude, 1)
+    b = d - a * magnitude
+    if a.free_symbols or b.has(x) or b.free_symbols or not (a.is_real and b.is_real) or a == 0:
+        return None
+    root = -b / a
+    if a.is_negative:
+        op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
+    inside = op in ("<", "<=")  # |x| below the root: one interval around 0; above it: two rays
+    strict = op in ("<", ">")
+    if root < 0 or (root == 0 and strict):
+        return sympy.S.EmptySet if inside else sympy.S.Reals
+    if inside:
+        return sympy.Interval(-root, root, left_open=strict, right_open=strict)
+    return sympy.Union(sympy.Interval(-sympy.oo, -root, right_open=strict), sympy.Interval(root, sympy.oo, left_open=strict))
 
 
 def _small_rational_polynomial(d: sympy.Expr, x: sympy.Symbol) -> bool:
