@@ -58,6 +58,7 @@ import sympy
 
 from verifiers.math_normalize import normalize, screen, text_key
 from verifiers.math_parse import ParseError, TooLargeError, parse
+from verifiers.math_readings import approximation, choice, decimal_comma, one_unknown, unlabelled
 from verifiers.math_values import PM, Bare, Matrix, Rel, Seq, SetOf, SetUnion, Value
 
 REL_TOL = 1e-6
@@ -118,42 +119,6 @@ def math_equal(gold: str, answer: str) -> bool:
     return compare(gold, answer).equal
 
 
-_NAME = (r"(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?'*|[A-Z]{2,3}|\|[A-Z]{2,3}\||\\overline\{[A-Z]{2,3}\}"
-         r"|[A-Za-z]\(\s*[A-Za-z0-9]\s*\))")
-_LABELLED_RE = re.compile(
-    rf"(?:\(\s*{_NAME}(?:\s*,\s*{_NAME})+\s*\)|{_NAME}(?:\s*:\s*{_NAME})*)\s*=\s*(?P<value>[^=]+)")
-_SIZING_RE = re.compile(r"\\(?:left|right)(?=[(\[|.)\]])")
-
-
-def unlabelled(text: str) -> str:
-    """`text` with its labels dropped (see the module docstring: `(p,q)=(3,2)` -> `(3,2)`, `AB=4,
-    CD=5` -> `4, 5`), or `text` itself when it is not one labelled value or a list of them."""
-    t = _SIZING_RE.sub("", text).strip()
-    whole = _LABELLED_RE.fullmatch(t)
-    if whole is not None:
-        return whole.group("value").strip()
-    parts = _top_level_commas(t)
-    labelled = [_LABELLED_RE.fullmatch(p.strip()) for p in parts]
-    if len(parts) > 1 and all(labelled):
-        return ", ".join(m.group("value").strip() for m in labelled if m is not None)
-    return text
-
-
-def _top_level_commas(text: str) -> list[str]:
-    """`text` split at the commas outside any (), [], {} or |...|-free nesting."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
-
-
 def compare(gold: str, answer: str) -> Comparison:
     """Compare two answer strings; the reason says which rule decided."""
     result = _compare(gold, answer)
@@ -164,11 +129,11 @@ def compare(gold: str, answer: str) -> Comparison:
             decimal = _compare(g, a)
             if decimal.equal:
                 return Comparison(True, f"{decimal.reason} (a decimal comma)")
-    letters = _choice(gold), _choice(answer)
+    letters = choice(gold), choice(answer)
     if None not in letters:
         same = letters[0] == letters[1]
         return Comparison(same, "the same choice" if same else "another choice")
-    for read, how in ((_approximation, "read through \\approx"), (_one_unknown, "a function value as the unknown")):
+    for read, how in ((approximation, "read through \\approx"), (one_unknown, "a function value as the unknown")):
         g, a = read(gold), read(answer)
         if (g, a) != (gold, answer):
             read_result = _compare(g, a)
@@ -183,44 +148,9 @@ def compare(gold: str, answer: str) -> Comparison:
     return result if prepare(gold).error is None or prepare(plain_gold).error is not None else unlabelled_result
 
 
-_APPROX_RE = re.compile(r"\\approx(?![A-Za-z])")
-_CHOICE_RE = re.compile(r"(?:\\text\{\s*)?\(?\s*([A-J])\s*\)?(?:\s*\})?")
-_FUNCTION_VALUE_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z])\(\s*[a-z]\s*\)")
-_INEQUALITY_RE = re.compile(r"<|>|\\[lg]eq?(?![A-Za-z])")
-
-
-def _approximation(text: str) -> str:
-    """`text` read through one `\\approx` (see the module docstring), or `text` itself."""
-    parts = _APPROX_RE.split(text)
-    if len(parts) != 2:
-        return text
-    left, right = parts[0].strip(), parts[1].strip()
-    if not left or not right:
-        return text
-    return right if re.fullmatch(_NAME, _SIZING_RE.sub("", left)) else left
-
-
-def _choice(text: str) -> str | None:
-    """The letter of a multiple-choice answer (`C`, `(C)`, `C)`, `\\text{(C)}`), else None."""
-    m = _CHOICE_RE.fullmatch(text.strip())
-    return m.group(1) if m is not None else None
-
-
-def _one_unknown(text: str) -> str:
-    """An inequality with its function values as plain unknowns (`0<f(x)<1` -> `0<f<1`)."""
-    return _FUNCTION_VALUE_RE.sub(r"\1", text) if _INEQUALITY_RE.search(text) else text
-
-
-_DECIMAL_COMMA_RE = re.compile(r"(-?\d+),(\d+)")
-
-
 def _decimal_comma(text: str) -> str | None:
-    """`text` with its one comma read as a decimal point when that is unambiguous (see the module
-    docstring), else None."""
-    m = _DECIMAL_COMMA_RE.fullmatch(prepare(text).text)
-    if m is None or (len(m.group(2)) == 3 and m.group(1).lstrip("-") != "0"):
-        return None
-    return f"{m.group(1)}.{m.group(2)}"
+    """`text` with its one comma read as a decimal point where that is unambiguous, else None."""
+    return decimal_comma(prepare(text).text)
 
 
 def _decimal_number(text: str) -> bool:
@@ -443,14 +373,10 @@ def inequality_set(r: Rel) -> sympy.Set | None:
 def _abs_solution(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set | None:
     """The solution set of `d op 0` when `d = a*|x| + b` with constant real a != 0 and b (`1 \\le |z|`
     is `(-oo, -1] U [1, oo)`); else None."""
-    magnitude = sympy.Abs(x)
-    a = d.coeff(magnitude, 1)
-    b = d - a * magnitude
-    if a.free_symbols or b.has(x) or b.free_symbols or not (a.is_real and b.is_real) or a == 0:
+    split = _one_term(d, sympy.Abs(x), x, op)
+    if split is None:
         return None
-    root = -b / a
-    if a.is_negative:
-        op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
+    root, op = split
     inside = op in ("<", "<=")  # |x| below the root: one interval around 0; above it: two rays
     strict = op in ("<", ">")
     if root < 0 or (root == 0 and strict):
@@ -458,6 +384,17 @@ def _abs_solution(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set | None:
     if inside:
         return sympy.Interval(-root, root, left_open=strict, right_open=strict)
     return sympy.Union(sympy.Interval(-sympy.oo, -root, right_open=strict), sympy.Interval(root, sympy.oo, left_open=strict))
+
+
+def _one_term(d: sympy.Expr, term: sympy.Expr, x: sympy.Symbol, op: str) -> tuple[sympy.Expr, str] | None:
+    """For `d = a*term + b` with constant real a != 0 and b (no other `x`): (the root -b/a, `op` as it
+    reads with `term` alone on the left: flipped when a < 0); else None."""
+    a = d.coeff(term, 1)
+    b = d - a * term
+    if a.free_symbols or b.has(x) or b.free_symbols or not (a.is_real and b.is_real) or a == 0:
+        return None
+    flipped = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op] if a.is_negative else op
+    return -b / a, flipped
 
 
 def _small_rational_polynomial(d: sympy.Expr, x: sympy.Symbol) -> bool:
@@ -470,13 +407,10 @@ def _small_rational_polynomial(d: sympy.Expr, x: sympy.Symbol) -> bool:
 
 def _linear_solution(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set | None:
     """The solution set of `d op 0` when `d = a*x + b` with constant real a != 0 and b; else None."""
-    a = d.coeff(x, 1)
-    b = d - a * x
-    if a.free_symbols or b.has(x) or b.free_symbols or not (a.is_real and b.is_real) or a == 0:
+    split = _one_term(d, x, x, op)
+    if split is None:
         return None
-    root = -b / a
-    if a.is_negative:
-        op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[op]
+    root, op = split
     if op in ("<", "<="):
         return sympy.Interval(-sympy.oo, root, right_open=op == "<")
     return sympy.Interval(root, sympy.oo, left_open=op == ">")
