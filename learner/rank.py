@@ -238,38 +238,28 @@ class LearnerRank:
 
     # ---- weights and checkpoints -----------------------------------------------------------------
 
-    def state_dict_for_rollout(self) -> dict[str, Tensor]:
-        """Full weights on CPU under HF parameter names (rank 0; other ranks return {}).
+    def state_dict_for_rollout(self, copy: bool = True) -> dict[str, Tensor]:
+        """Full weights under HF parameter names (rank 0; other ranks return {}): CPU copies, or with
+        `copy=False` below ZeRO-3 the parameters themselves (what rank 0 publishes: the publish reads
+        them before the next optimizer step).
 
-        Every rank must call it: under ZeRO-3 each parameter is all-gathered in turn, so peak extra
-        memory is one parameter, not the whole model.
+        Every rank must call it: under ZeRO-3 each parameter is all-gathered in turn (and copied, as
+        the gather is released), so peak extra memory is one parameter, not the whole model.
         """
         module = self.engine.module
         zero3 = self.cfg.zero_stage == 3
+        copy = copy or zero3
         out: dict[str, Tensor] = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=zero3):
                 if self.rank == 0:
-                    out[name] = param.detach().to("cpu", copy=True)
+                    out[name] = param.detach().to("cpu", copy=True) if copy else param.detach()
         if self.rank == 0:
             persistent = set(module.state_dict().keys())
             for name, buf in module.named_buffers():
                 if name in persistent:
-                    out[name] = buf.detach().to("cpu", copy=True)
+                    out[name] = buf.detach().to("cpu", copy=True) if copy else buf.detach()
         return out
-
-
-    def _rollout_state(self) -> dict[str, Tensor]:
-        """What rank 0 publishes: the parameters themselves (no copy; the publish reads them before the
-        next optimizer step) below ZeRO-3, `state_dict_for_rollout`'s gathered copies at ZeRO-3."""
-        if self.cfg.zero_stage == 3:
-            return self.state_dict_for_rollout()
-        module = self.engine.module
-        if self.rank != 0:
-            return {}
-        persistent = set(module.state_dict().keys())
-        state = {name: param.detach() for name, param in module.named_parameters()}
-        return state | {name: buf.detach() for name, buf in module.named_buffers() if name in persistent}
 
     def attach_weights(self, spec: WeightSpec) -> None:
         """Rank 0 becomes the publisher of `spec.transport`; other ranks only take part in gathers."""
@@ -286,7 +276,7 @@ class LearnerRank:
         """Publish the current weights as `version` (rank 0; every rank must call it, ZeRO-3 gathers);
         (the handle on rank 0 else None, the seconds the publish took)."""
         start = time.perf_counter()
-        state = self._rollout_state()
+        state = self.state_dict_for_rollout(copy=False)
         if self.rank != 0:
             return None, time.perf_counter() - start
         if self.publisher is None:
