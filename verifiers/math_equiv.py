@@ -371,19 +371,42 @@ def inequality_set(r: Rel) -> sympy.Set | None:
 
 
 def _abs_solution(d: sympy.Expr, op: str, x: sympy.Symbol) -> sympy.Set | None:
-    """The solution set of `d op 0` when `d = a*|x| + b` with constant real a != 0 and b (`1 \\le |z|`
-    is `(-oo, -1] U [1, oo)`); else None."""
-    split = _one_term(d, sympy.Abs(x), x, op)
-    if split is None:
+    """The solution set of `d op 0` when `d = a*|u| + b` with `u = c*x + e` linear and a, b, c, e constant
+    reals (`1 \\le |z|` is `(-oo, -1] U [1, oo)`, `|x-2| < 1` is `(1, 3)`); else None."""
+    terms = d.atoms(sympy.Abs)
+    if len(terms) != 1:
+        return None
+    (term,) = terms
+    inner = _one_term(term.args[0], x, x, "<")
+    split = _one_term(d, term, x, op)
+    if split is None or inner is None:
         return None
     root, op = split
-    inside = op in ("<", "<=")  # |x| below the root: one interval around 0; above it: two rays
+    inside = op in ("<", "<=")  # |u| below the root: one interval around 0; above it: two rays
     strict = op in ("<", ">")
     if root < 0 or (root == 0 and strict):
         return sympy.S.EmptySet if inside else sympy.S.Reals
     if inside:
-        return sympy.Interval(-root, root, left_open=strict, right_open=strict)
-    return sympy.Union(sympy.Interval(-sympy.oo, -root, right_open=strict), sympy.Interval(root, sympy.oo, left_open=strict))
+        u_set = sympy.Interval(-root, root, left_open=strict, right_open=strict)
+    else:
+        u_set = sympy.Union(sympy.Interval(-sympy.oo, -root, right_open=strict),
+                            sympy.Interval(root, sympy.oo, left_open=strict))
+    c = term.args[0].coeff(x, 1)
+    return _preimage(u_set, c, term.args[0] - c * x)
+
+
+def _preimage(s: sympy.Set, c: sympy.Expr, e: sympy.Expr) -> sympy.Set:
+    """The set of x with `c*x + e` in `s` (a union of intervals; c != 0)."""
+    if (c, e) == (1, 0):
+        return s
+    parts = []
+    for piece in (s.args if isinstance(s, sympy.Union) else (s,)):
+        lo, hi = (piece.start - e) / c, (piece.end - e) / c
+        lo_open, hi_open = piece.left_open, piece.right_open
+        if c.is_negative:
+            lo, hi, lo_open, hi_open = hi, lo, hi_open, lo_open
+        parts.append(sympy.Interval(lo, hi, left_open=lo_open, right_open=hi_open))
+    return sympy.Union(*parts)
 
 
 def _one_term(d: sympy.Expr, term: sympy.Expr, x: sympy.Symbol, op: str) -> tuple[sympy.Expr, str] | None:

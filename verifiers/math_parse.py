@@ -5,7 +5,8 @@ antlr runtime version), and `parse_expr` evaluates Python source. This parser co
 final answers use — numbers, `\\frac`, `\\sqrt`, powers, factorials, `\\binom`, `\\pi`, `e`, `i`,
 variables with subscripts, implicit multiplication, trig/log functions, `\\infty`, `|x|`, floor and
 ceiling, relations (`= < > \\le \\ge \\ne`), `\\pm`, tuples and intervals, `\\{...\\}` sets, `\\cup`,
-and `pmatrix`-style matrices — in both LaTeX and plain-text spelling (`sqrt(2)`, `x**2`, `2*pi`).
+`\\sum`/`\\prod` with bounds (`math_series`), and `pmatrix`-style matrices — in both LaTeX and
+plain-text spelling (`sqrt(2)`, `x**2`, `2*pi`).
 
 Safety: no `eval`, and every number that sympy would compute eagerly is bounded before it is
 built: a power with a numeric base and exponent may have at most `MAX_DIGITS` digits (this also
@@ -30,6 +31,7 @@ import re
 
 import sympy
 
+from verifiers.math_series import SeriesError, series
 from verifiers.math_values import PM, Bare, BigPow, Matrix, Parsed, Rel, Seq, SetOf, SetUnion, Value
 
 MAX_DIGITS = 10_000
@@ -170,6 +172,7 @@ class _Parser:
         self.pos = 0
         self.has_decimal = False
         self.abs_depth = 0
+        self.indices: list[str] = []
 
     def peek(self, offset: int = 0) -> str | None:
         i = self.pos + offset
@@ -281,7 +284,7 @@ class _Parser:
             return False
         if tok == "|":
             return self.abs_depth == 0
-        if tok in ("(", "{", "\\{", "\\lfloor", "\\lceil", "\\sqrt", "\\frac", "\\binom", "\\begin"):
+        if tok in ("(", "{", "\\{", "\\lfloor", "\\lceil", "\\sqrt", "\\frac", "\\binom", "\\begin", "\\sum", "\\prod"):
             return True
         if tok[0].isdigit() or tok[0] == "." or tok[0].isalpha():
             return True
@@ -365,6 +368,8 @@ class _Parser:
             return safe_pow(_expr(self.argument(), "sqrt"), sympy.Rational(1, 2), self.big)
         if tok in _CONSTANTS:
             return _CONSTANTS[tok]
+        if tok in self.indices:
+            return self.symbol(tok)
         if tok == "e":
             return sympy.E
         if tok == "i":
@@ -412,7 +417,35 @@ class _Parser:
             return self.symbol(name)
         if name == "begin":
             return self.matrix()
+        if name in ("sum", "prod"):
+            return self.series(name)
         raise ParseError(f"unsupported command \\{name}")
+
+    def series(self, kind: str) -> sympy.Expr:
+        """`\\sum_{k=a}^{b} body` (or `\\prod`); the body is the product that follows, as in TeX."""
+        self.accept("\\limits", "\\nolimits")
+        if not self.accept("_"):
+            raise ParseError(f"\\{kind} without bounds (expected _{{k=a}}^{{b}})")
+        index = self.peek(1) if self.peek() == "{" and self.peek(2) == "=" else None
+        if index is None or not (index.isalpha() or index[1:] in _GREEK):
+            raise ParseError(f"\\{kind} needs its index as _{{k=a}}")
+        self.pos += 3
+        lo = _expr(self.sum(), f"\\{kind} lower bound")
+        self.expect("}")
+        if not self.accept("^"):
+            raise ParseError(f"\\{kind} without an upper bound (expected ^{{b}})")
+        hi = self.exponent()
+        name = index.lstrip("\\")
+        self.indices.append(name)  # `i` and `e` name the index here, not the constants
+        try:
+            body = _expr(self.term(), f"\\{kind} body")
+        finally:
+            self.indices.pop()
+        try:
+            return series(kind, sympy.Symbol(name), lo, hi, body, max_digits=MAX_DIGITS,
+                          max_factorial=MAX_FACTORIAL, max_exponent=MAX_SYMBOLIC_EXPONENT)
+        except SeriesError as exc:
+            raise ParseError(str(exc)) from exc
 
     def function(self, name: str) -> sympy.Expr:
         func = _FUNCS[name]

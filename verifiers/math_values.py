@@ -74,3 +74,13 @@ class Parsed:
 
     value: Value
     has_decimal: bool
+
+
+INDEX = sympy.Symbol("IDX__")
+"""The index of a `\\sum` / `\\prod` kept unevaluated, renamed so `k` and `i` compare alike."""
+
+SumOf = sympy.Function("SumOf")
+"""An unevaluated `\\sum_{INDEX=lo}^{hi} body` as `SumOf(body, lo, hi)`: compared only structurally."""
+
+ProductOf = sympy.Function("ProductOf")
+"""An unevaluated `\\prod_{INDEX=lo}^{hi} body` as `ProductOf(body, lo, hi)`."""

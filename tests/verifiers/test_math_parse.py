@@ -6,7 +6,7 @@ import pytest
 import sympy
 
 from verifiers.math_parse import ParseError, TooLargeError, parse, safe_pow, tokenize
-from verifiers.math_values import PM, Bare, BigPow, Matrix, Rel, Seq, SetOf, SetUnion
+from verifiers.math_values import INDEX, PM, Bare, BigPow, Matrix, ProductOf, Rel, Seq, SetOf, SetUnion, SumOf
 
 x, y, a, b = sympy.symbols("x y a b")
 
@@ -131,3 +131,52 @@ def test_safe_pow_bounds() -> None:
 def test_deep_unary_chains_are_a_parse_error_not_a_crash() -> None:
     with pytest.raises(ParseError):
         parse("-" * 5000 + "1")
+
+
+n = sympy.Symbol("n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"\sum_{k=1}^{10} k", sympy.Integer(55)),  # 10 * 11 / 2
+        (r"\prod_{k=1}^{5} k", sympy.Integer(120)),  # 5!
+        (r"\sum_{i=0}^{2} i", sympy.Integer(3)),  # `i` is the index here, not the imaginary unit
+        (r"\sum_{k=0}^{3} x^k", 1 + x + x**2 + x**3),
+        (r"\sum\limits_{k=1}^{n} (2k-1)", n**2),  # a polynomial summand: its closed form
+        (r"\sum_{k=1}^{3} k + 1", sympy.Integer(7)),  # the body is the product that follows: (1+2+3) + 1
+        (r"2\sum_{k=1}^{3} k", sympy.Integer(12)),
+        (r"\sum_{k=1}^{\infty} \frac{1}{k^2}", SumOf(INDEX**-2, 1, sympy.oo)),  # never summed
+        (r"\prod_{j=1}^{n} j", ProductOf(INDEX, 1, n)),  # symbolic: kept, index renamed
+    ],
+)
+def test_sums_and_products(text: str, expected: sympy.Expr) -> None:
+    assert value(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r"\sum_{k=1}^{100} 10^{10^{k}}",  # a tower per term
+        r"\sum_{k=1}^{10^9} k!",  # too many terms, each too large
+        r"\sum_{k=999999}^{1000000} k!",  # two terms, both past the factorial bound
+        r"\prod_{k=1}^{200} 10^{60}",  # 12000 digits in all, over MAX_DIGITS
+        r"\sum_{k=1}^{3} 10^{10^{5} k}",  # 10^(300000) as the last term
+    ],
+)
+def test_series_too_large_to_compute_stay_unevaluated(text: str) -> None:
+    assert isinstance(value(text), (SumOf, ProductOf))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (r"\sum k", "without bounds"),
+        (r"\sum_{k} k", "needs its index"),
+        (r"\sum_{k=1} k", "without an upper bound"),
+        (r"\sum_{k=1}^{k} k", "depend on its index"),
+    ],
+)
+def test_series_without_usable_bounds_say_why(text: str, reason: str) -> None:
+    with pytest.raises(ParseError, match=reason):
+        parse(text)
