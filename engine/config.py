@@ -129,13 +129,14 @@ class AssayConfig:
     name: str = "default"
     """Experiment name; the run writes `runs_dir/<name>/<stage>/`."""
     stage: str = "pretrain"
-    """`pretrain` (NLL on all tokens of packed sequences), `sft` (NLL on response tokens only) or `rl`."""
+    """`pretrain` (NLL on all tokens of packed sequences), `sft` (NLL on response tokens only), `dpo`
+    (a preference loss on chosen/rejected pairs, `learner.preference_loss`) or `rl`."""
     stage_dir: str | None = None
     """The stage's directory under `runs_dir/<name>/` (default: the stage's name). Set it to run two
     stages of one kind in one run, e.g. SFT on clean demonstrations, then on a flawed teacher's."""
     init_from: str | None = None
     """With no `model.path`: the stage directory of this run whose export this stage starts from
-    (default: the newest of the earlier stages, SFT from pretrain, RL from SFT, else pretrain)."""
+    (default: the newest of the earlier stages, `init_from_previous_stage` says which)."""
     steps: int = 100
     """Optimizer steps of this stage."""
     seq_len: int = 64
@@ -146,7 +147,7 @@ class AssayConfig:
     """Documents of the task corpus used to train the tiny model's tokenizer."""
     init_from_previous_stage: bool = True
     """With no `model.path`, start from this run's newest earlier-stage export (`<name>/<stage>/final/hf`):
-    SFT from pretrain, RL from SFT (else pretrain)."""
+    SFT from pretrain, DPO from SFT (else pretrain), RL from DPO, else SFT, else pretrain."""
     log_every: int = 1
     """Write metrics every N steps."""
     eval_every: int = 0
@@ -183,7 +184,7 @@ class AssayConfig:
 
 # Closed sets of values; the message of a bad value lists them.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "stage": ("pretrain", "sft", "rl"),
+    "stage": ("pretrain", "sft", "dpo", "rl"),
     "rl.advantage": tuple(ESTIMATORS),
     "rl.collector": tuple(COLLECTORS),
     "learner.loss": tuple(LOSSES),

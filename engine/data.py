@@ -1,4 +1,4 @@
-"""Batches for the supervised stages: packed pretraining rows and prompt/response SFT rows.
+"""Batches for the supervised stages: packed pretraining rows, prompt/response SFT rows and preference pairs.
 
 Pure functions from text (or tasks) and a tokenizer to tensors named as DESIGN.md §3 says. One
 convention holds for every batch the learner sees:
@@ -27,7 +27,7 @@ from verifiers.base import Task
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["encode_prompt", "encode_response", "pack_pretrain", "sft_batch"]
+__all__ = ["encode_prompt", "encode_response", "pack_pretrain", "preference_batch", "sft_batch"]
 
 
 def pack_pretrain(
@@ -66,29 +66,43 @@ def sft_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: in
     """
     if not tasks:
         raise ValueError("sft_batch needs at least one task")
-    eos, pad = _eos_id(tokenizer), _pad_id(tokenizer)
-    rows: list[tuple[list[int], int]] = []  # (ids, prompt length)
-    for task in tasks:
-        response = task.meta.get("response")
-        if response is None:
-            raise ValueError(
-                f"task {task.id!r} has no demonstration (meta['response'] is None); "
-                "SFT needs a response for every task"
-            )
-        if not isinstance(response, str):
-            raise TypeError(
-                f"task {task.id!r}: meta['response'] is {type(response).__name__}, expected a string"
-            )
-        prompt_ids = encode_prompt(tokenizer, task.prompt)
-        if not prompt_ids or len(prompt_ids) >= max_len:
-            raise ValueError(
-                f"task {task.id!r}: the prompt is {len(prompt_ids)} tokens, which leaves no room "
-                f"for a response within max_len={max_len}"
-            )
-        response_ids = (encode_response(tokenizer, response) + [eos])[: max_len - len(prompt_ids)]
-        rows.append((prompt_ids + response_ids, len(prompt_ids)))
+    rows = [_response_row(task, "response", tokenizer, max_len) for task in tasks]
+    return _padded(rows, max(len(ids) for ids, _ in rows), _pad_id(tokenizer))
 
-    width = max(len(ids) for ids, _ in rows)
+
+def preference_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: int) -> dict[str, torch.Tensor]:
+    """The pairs of `tasks` (`meta["chosen"]`, `meta["rejected"]`) as a preference batch: for each side the
+    rows `sft_batch` builds (`chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask`, and the same
+    for `rejected`), both sides padded to one width so the learner runs them in one forward pass."""
+    if not tasks:
+        raise ValueError("preference_batch needs at least one pair")
+    sides = {side: [_response_row(task, side, tokenizer, max_len) for task in tasks] for side in ("chosen", "rejected")}
+    width = max(len(ids) for rows in sides.values() for ids, _ in rows)
+    return {f"{side}_{key}": value for side, rows in sides.items()
+            for key, value in _padded(rows, width, _pad_id(tokenizer)).items()}
+
+
+def _response_row(task: Task, key: str, tokenizer: PreTrainedTokenizerBase, max_len: int) -> tuple[list[int], int]:
+    """(`prompt + meta[key] + eos` token ids cut to `max_len`, the prompt's length)."""
+    response = task.meta.get(key)
+    if response is None:
+        what = "demonstration" if key == "response" else f"{key} response"
+        raise ValueError(f"task {task.id!r} has no {what} (meta[{key!r}] is None); "
+                         + ("SFT needs a response for every task" if key == "response" else "a pair needs both sides"))
+    if not isinstance(response, str):
+        raise TypeError(f"task {task.id!r}: meta[{key!r}] is {type(response).__name__}, expected a string")
+    prompt_ids = encode_prompt(tokenizer, task.prompt)
+    if not prompt_ids or len(prompt_ids) >= max_len:
+        raise ValueError(
+            f"task {task.id!r}: the prompt is {len(prompt_ids)} tokens, which leaves no room "
+            f"for a response within max_len={max_len}"
+        )
+    response_ids = (encode_response(tokenizer, response) + [_eos_id(tokenizer)])[: max_len - len(prompt_ids)]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def _padded(rows: list[tuple[list[int], int]], width: int, pad: int) -> dict[str, torch.Tensor]:
+    """`(ids, prompt length)` rows right-padded to `width`, with the loss on the tokens after the prompt."""
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
     loss_mask = torch.zeros(len(rows), width, dtype=torch.float32)  # (B, T)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from engine.collector_base import eval_seed
 from engine.data import encode_prompt
 from verifiers import Task
 from verifiers.registry import load as load_verifier
@@ -68,3 +69,11 @@ def heldout_accuracy(model_dir: Path, state_dict: dict[str, torch.Tensor], token
         metrics.update({"eval/pass@1": float(sampled.mean()), "eval/pass@G": float((sampled >= 1.0).any(1).float().mean()),
                         "eval/G": float(samples)})
     return metrics
+
+
+def evaluate_tasks(group: Any, model_dir: Path, tokenizer: Any, tasks: list[Task], cfg: Any,
+                   samples: int = 0) -> dict[str, float]:
+    """Held-out accuracy of a learner group's current weights on `tasks` (greedy; with `samples`, also
+    at T = 1 with the run's evaluation seed), as the offline stages report it."""
+    return heldout_accuracy(model_dir, group.state_dict_for_rollout(), tokenizer, tasks, max_new_tokens=cfg.max_len,
+                            samples=samples, seed=eval_seed(cfg.seed))

@@ -24,7 +24,19 @@ from engine.tasks.files import TaskFileError
 
 # Where a stage starts from when `model.path` is unset: the newest export of an earlier stage of the
 # same run, in this order, else a freshly built tiny model.
-EARLIER_STAGES = {"pretrain": (), "sft": ("pretrain",), "rl": ("sft", "pretrain")}
+EARLIER_STAGES = {"pretrain": (), "sft": ("pretrain",), "dpo": ("sft", "pretrain"), "rl": ("dpo", "sft", "pretrain")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one offline stage (pretrain, SFT, DPO) does inside the loop they share (`engine.supervised`)."""
+
+    batch: Callable[[], dict[str, Any]]
+    """The next training batch (advances the task source)."""
+    train: Callable[[dict[str, Any]], dict[str, float]]
+    """One optimizer step on a batch; its metrics."""
+    evaluate: Callable[[int], dict[str, float]]
+    """Held-out metrics; the argument is the samples per task at T = 1 to add (0: greedy only)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class RunDirError(RuntimeError):
 # What a run writes into its stage directory before it has anything worth keeping; a directory holding
 # only these (no `final/`, no complete checkpoint) is a run that stopped before its first save.
 _RUN_FILES = frozenset({"config.yaml", "metrics.jsonl", "tb", "placement.json", "checkpoints", "verifier.log",
-                        "third_party.log"})
+                        "third_party.log", "reference_logps.pt"})
 
 
 def stage_dir(cfg: AssayConfig) -> Path:
@@ -119,11 +131,14 @@ class Stage:
     model_dir: Path
 
 
-def open_stage(cfg: AssayConfig, verifiers: bool = False) -> Stage:
-    """Check every input — the task source (its files), the starting model (config against weights) and,
-    with `verifiers`, that each verifier the held-out tasks name can be built — and only then open the run
-    directory, so a typo costs nothing already written."""
+def open_stage(cfg: AssayConfig, verifiers: bool = False,
+               check_source: Callable[[AssayConfig, TaskSource], None] | None = None) -> Stage:
+    """Check every input — the task source (its files, and `check_source` when the stage needs more of it),
+    the starting model (config against weights) and, with `verifiers`, that each verifier the held-out
+    tasks name can be built — and only then open the run directory, so a typo costs nothing already written."""
     source = load_task_source(cfg.task.source, cfg.task, cfg.seed)
+    if check_source is not None:
+        check_source(cfg, source)
     model_dir = starting_model(cfg, source)
     check_weights(model_dir)
     if verifiers and cfg.verifier.endpoint:  # the service builds the verifiers: it must answer

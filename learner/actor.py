@@ -58,6 +58,12 @@ class LearnerActor:
         handle, publish_s = self.worker.publish_weights(publish_version)
         return metrics | {"perf/weight_publish_s": publish_s}, handle
 
+    def train_preference_step(self, batch: dict[str, Tensor], num_pairs: int, num_chosen_tokens: int) -> dict[str, float]:
+        return self.worker.train_preference_step(batch, num_pairs, num_chosen_tokens)
+
+    def pair_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.worker.pair_logps(batch)
+
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)
 

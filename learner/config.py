@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from learner.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from learner.algos import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
@@ -161,6 +161,25 @@ class LearnerConfig:
     """RL: report `learner/entropy`, the token-mean policy entropy over the response tokens, from the
     first epoch's training forward passes."""
 
+    preference_loss: str = "dpo"
+    """`stage=dpo`: key into `learner.algos.PREFERENCE_LOSSES`: `dpo` (sigmoid), `ipo`, `hinge`, or the
+    reference-free `simpo`. Conservative DPO is `dpo` with `preference_label_smoothing > 0`."""
+
+    preference_beta: float = 0.1
+    """`stage=dpo`: beta, the inverse temperature of the implicit reward `beta * (log pi - log pi_ref)`
+    (IPO: the target margin is 1 / (2 beta); SimPO: the scale of its length-normalised reward)."""
+
+    preference_label_smoothing: float = 0.0
+    """`stage=dpo`: for `dpo` and `simpo`, the assumed probability that a pair's labels are flipped
+    (conservative DPO); in [0, 0.5)."""
+
+    simpo_gamma: float = 0.5
+    """`stage=dpo` with `preference_loss=simpo`: the target reward margin gamma."""
+
+    preference_nll_coef: float = 0.0
+    """`stage=dpo`: weight of an extra NLL term on the chosen responses (token mean over the batch), as
+    RPO and TRL's `rpo_alpha` add; 0 leaves it out."""
+
     threads: int = 1
     """torch intra-op threads of each learner actor. Set explicitly: a learner and a rollout actor whose
     thread pools together outnumber the cores run many times slower (docs/benchmarks.md,
@@ -208,6 +227,7 @@ def validate(cfg: LearnerConfig, world_size: int) -> int:
     if cfg.threads < 1:
         raise ValueError(f"LearnerConfig.threads: expected a positive integer, got {cfg.threads}")
     validate_rl(cfg)
+    validate_preference(cfg)
     return gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size)
 
 
@@ -251,3 +271,15 @@ def validate_rl(cfg: LearnerConfig) -> None:
         raise ValueError(f"LearnerConfig.tis_cap: expected a positive cap or None, got {cfg.tis_cap}")
     if cfg.old_logprobs not in OLD_LOGPROBS:
         raise ValueError(f"LearnerConfig.old_logprobs: expected one of {OLD_LOGPROBS}, got {cfg.old_logprobs!r}")
+
+
+def validate_preference(cfg: LearnerConfig) -> None:
+    """Check the preference fields of `cfg`, naming the field on error."""
+    _check_key("preference_loss", cfg.preference_loss, PREFERENCE_LOSSES, "PREFERENCE_LOSSES")
+    if not cfg.preference_beta > 0:
+        raise ValueError(f"LearnerConfig.preference_beta: expected > 0, got {cfg.preference_beta}")
+    if not 0.0 <= cfg.preference_label_smoothing < 0.5:
+        raise ValueError("LearnerConfig.preference_label_smoothing: expected a probability in [0, 0.5), got "
+                         f"{cfg.preference_label_smoothing}")
+    if cfg.preference_nll_coef < 0:
+        raise ValueError(f"LearnerConfig.preference_nll_coef: expected >= 0, got {cfg.preference_nll_coef}")

@@ -29,8 +29,11 @@ from learner.actor import LearnerActor
 from learner.config import LearnerConfig, skips_zero_advantage, validate
 from learner.plan import (
     BATCH_KEYS,
+    PAIR_KEYS,
+    REFERENCE_KEYS,
     RL_KEYS,
     RL_OPTIONAL_KEYS,
+    check_pairs,
     check_rows,
     plan_rl_step,
     shard_rows,
@@ -142,9 +145,30 @@ class LearnerGroup:
         results = ray.get(refs)
         return combine_metrics([metrics for metrics, _ in results]), results[0][1]
 
+    def train_preference_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One optimizer step on a global batch of (chosen, rejected) pairs (`learner.preference_step` says
+        what it holds); pairs a multiple of world_size x micro_batch_size."""
+        pairs = check_pairs(batch)
+        check_rows(pairs, self.world_size, self.cfg.micro_batch_size)
+        num_chosen_tokens = int(batch["chosen_loss_mask"].sum())
+        if num_chosen_tokens == 0 or int(batch["rejected_loss_mask"].sum()) == 0:
+            raise ValueError("LearnerGroup.train_preference_step: a side's loss_mask selects no tokens in the batch")
+        keys = PAIR_KEYS + tuple(k for k in REFERENCE_KEYS if k in batch)
+        shards = shard_rows({k: batch[k] for k in keys}, self.world_size)
+        refs = [actor.train_preference_step.remote(shard, pairs, num_chosen_tokens)
+                for actor, shard in zip(self.actors, shards)]
+        return combine_metrics(ray.get(refs))
+
+    def pair_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sequence log-probabilities of pairs under the current weights (`PreferenceSteps.pair_logps`):
+        `chosen`, `rejected` and their token counts, (N,) each; any number of pairs."""
+        out = self._scored({k: batch[k] for k in PAIR_KEYS}, "pair_logps")
+        assert isinstance(out, dict)
+        return out
+
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-token log-probabilities (B, T) under the current weights; any number of rows."""
-        return self._scored(batch, "logprobs")  # type: ignore[return-value]
+        return self._scored({k: batch[k] for k in ("input_ids", "attention_mask")}, "logprobs")  # type: ignore[return-value]
 
     def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """What the driver reads before it can estimate advantages, (B, T) each: `old_logprobs` and
@@ -153,21 +177,19 @@ class LearnerGroup:
         not score them again."""
         if not prepares(self.cfg):
             return {}
-        out = self._scored(batch, "prepare")
+        out = self._scored({k: batch[k] for k in ("input_ids", "attention_mask")}, "prepare")
         assert isinstance(out, dict)
         if self.cfg.kl_reward_coef > 0 and self.cfg.old_logprobs == "rollout":
             out["old_logprobs"] = batch["rollout_logprobs"].float()  # pi_old is the sampler's
         return out
 
     def _scored(self, batch: dict[str, Tensor], method: str) -> Tensor | dict[str, Tensor]:
-        """Row shards of `batch` through every rank's `method`, concatenated back in row order."""
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        rows = input_ids.shape[0]
+        """Row shards of every tensor in `batch` through every rank's `method`, concatenated back in row order."""
+        rows = next(iter(batch.values())).shape[0]
         pad = -rows % self.world_size
         if pad:  # equal shards keep ZeRO-3's collective forwards in step on every rank
-            input_ids = torch.cat([input_ids, input_ids[-1:].expand(pad, -1)])
-            attention_mask = torch.cat([attention_mask, attention_mask[-1:].expand(pad, -1)])
-        shards = shard_rows({"input_ids": input_ids, "attention_mask": attention_mask}, self.world_size)
+            batch = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in batch.items()}
+        shards = shard_rows(batch, self.world_size)
         parts = ray.get([getattr(actor, method).remote(shard) for actor, shard in zip(self.actors, shards)])
         if isinstance(parts[0], dict):
             return {key: torch.cat([p[key] for p in parts])[:rows] for key in parts[0]}

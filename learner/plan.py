@@ -23,6 +23,27 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 # Tensors an RL batch must hold besides BATCH_KEYS, and the per-token ones it may hold.
 RL_KEYS = ("advantages",)
 RL_OPTIONAL_KEYS = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "returns")
+# A preference batch (`learner.preference_step`): BATCH_KEYS per side, and the reference's sequence logps.
+SIDES = ("chosen", "rejected")
+PAIR_KEYS = tuple(f"{side}_{key}" for side in SIDES for key in BATCH_KEYS)
+REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def check_pairs(batch: dict[str, Tensor], micro_batch_size: int | None = None) -> int:
+    """The number of pairs in `batch` after checking its keys and shapes (naming what is wrong)."""
+    missing = [k for k in PAIR_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"preference batch: missing {missing}; expected keys {list(PAIR_KEYS)}")
+    shape = batch["chosen_input_ids"].shape
+    wrong = [k for k in PAIR_KEYS if batch[k].shape != shape]
+    if len(shape) != 2 or wrong:
+        raise ValueError(f"preference batch: every tensor must have chosen_input_ids' (N, T) shape {tuple(shape)}; "
+                         f"these do not: {wrong}")
+    pairs = shape[0]
+    if micro_batch_size is not None and (pairs == 0 or pairs % micro_batch_size):
+        raise ValueError(f"preference batch: this rank got {pairs} pairs, which must be a positive multiple of "
+                         f"LearnerConfig.micro_batch_size ({micro_batch_size})")
+    return pairs
 
 
 def shard_rows(batch: dict[str, Tensor], world_size: int) -> list[dict[str, Tensor]]:

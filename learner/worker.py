@@ -7,12 +7,14 @@ one torch.distributed group. Read it in three files, each top to bottom:
 - `learner.rank` -- set-up (process group, model, DeepSpeed engine, reference, critic), forward
   passes, gradient accumulation, weight publishing (rank 0), checkpoints and the HF export;
 - `learner.supervised_step` -- `train_step` (pretraining, SFT);
+- `learner.preference_step` -- `train_preference_step` (DPO and its variants) and `pair_logps`;
 - `learner.rl_step` -- `train_rl_step` (GRPO/DAPO/PPO: old/ref logprobs, `ppo_epochs` sweeps of
   minibatch steps, the critic's steps) and `prepare`.
 """
 
 from __future__ import annotations
 
+from learner.preference_step import PreferenceSteps
 from learner.rank import BF16_STAGE0_WARNING, TOKENIZER_FILES, ds_config, init_distributed
 from learner.rl_step import RLSteps
 from learner.supervised_step import SupervisedSteps
@@ -20,5 +22,5 @@ from learner.supervised_step import SupervisedSteps
 __all__ = ["BF16_STAGE0_WARNING", "TOKENIZER_FILES", "LearnerWorker", "ds_config", "init_distributed"]
 
 
-class LearnerWorker(SupervisedSteps, RLSteps):
-    """One DeepSpeed rank: supervised and RL steps, log-probabilities, weights, checkpoints."""
+class LearnerWorker(SupervisedSteps, PreferenceSteps, RLSteps):
+    """One DeepSpeed rank: supervised, preference and RL steps, log-probabilities, weights, checkpoints."""

@@ -125,8 +125,8 @@ class ArithmeticSource(SeededStream):
         return self.teacher_accuracy >= 1.0 or random.Random(f"teacher:{self.seed}:{key}").random() < self.teacher_accuracy
 
     def _task(self, task_id: str, expression: str, teacher_right: bool = True) -> Task:
-        answer = self._written(evaluate(expression))
-        shown = answer if teacher_right else self._written(carry_free_sum(expression))
+        answer = self.written(evaluate(expression))
+        shown = answer if teacher_right else self.written(carry_free_sum(expression))
         return Task(
             id=task_id,
             prompt=f"What is {expression}?\n",
@@ -135,7 +135,8 @@ class ArithmeticSource(SeededStream):
             meta={"response": ANSWER_TEMPLATES[self.answer_format].format(shown), "expression": expression},
         )
 
-    def _written(self, value: int) -> str:
+    def written(self, value: int) -> str:
+        """`value` as this source writes answers (reversed and zero-padded for `answer_format=reversed`)."""
         return str(value).zfill(self.width)[::-1] if self.answer_format == "reversed" else str(value)
 
 

@@ -122,6 +122,35 @@ class FileConfig:
     of `path` (the `eval_size` rows whose prompt hashes lowest), removed from training."""
 
 
+# Pair field -> column name of a preference file; "" = the file has no such column.
+PAIR_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "", "reference": ""}
+
+
+@dataclass
+class PairsConfig:
+    """Preference pairs for `stage=dpo`: a file (`task.source=pairs`) or the generated `arithmetic_pairs`."""
+
+    path: str | None = None
+    """`pairs`: the training file, `.jsonl` or `.parquet`, one (prompt, chosen, rejected) pair per row."""
+
+    format: str = "auto"
+    """`jsonl`, `parquet`, or `auto` (from the file extension)."""
+
+    columns: dict[str, str] = field(default_factory=lambda: dict(PAIR_COLUMNS))
+    """Pair field -> column name, for `prompt` (text or chat messages), `chosen` and `rejected` (text, or
+    chat messages ending in the assistant's answer), `id` and `reference` (optional: an answer the
+    `verifier` checks, for the held-out accuracy). An empty name: the file has no such column."""
+
+    eval_path: str | None = None
+    """`pairs`: a separate held-out file. Unset: the `task.eval_size` rows whose prompt hashes lowest."""
+
+    verifier: str = "math"
+    """Verifier of the pairs' `reference` answers (the held-out greedy accuracy), when they have one."""
+
+    size: int = 2000
+    """`arithmetic_pairs`: training pairs generated (the held-out set is `task.eval_size` more)."""
+
+
 @dataclass
 class LinearCodeConfig:
     """Difficulty knobs of the built-in coding tasks `linear_code` (write `f(x) = a*x + b` from examples)."""
@@ -296,6 +325,9 @@ class TaskConfig:
 
     linear_code: LinearCodeConfig = field(default_factory=LinearCodeConfig)
     """Knobs of the `linear_code` source."""
+
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    """Knobs of the preference-pair sources `pairs` (a file) and `arithmetic_pairs` (generated)."""
 
 
 class SeededStream:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,17 +46,23 @@ class Row:
     where: str  # "<file>:<line>"
 
 
-def read_rows(path: str | Path, columns: dict[str, str], file_format: str = "auto") -> list[Row]:
-    """All rows of a task file, validated; raises `TaskFileError` naming file, line and field."""
+def read_rows(path: str | Path, columns: dict[str, str], file_format: str = "auto",
+              make_row: Callable[[dict[str, Any], dict[str, str], str], Any] | None = None,
+              expected: dict[str, str] | None = None) -> list[Any]:
+    """All rows of a task file, validated; raises `TaskFileError` naming file, line and field.
+
+    `make_row(record, columns, where)` builds and checks one row (default: a task `Row`; the preference
+    pairs of `engine.tasks.pairs` pass their own), `expected` says what each field holds (for messages).
+    """
     path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file")
     fmt = _format(path, file_format)
-    records = _jsonl_records(path) if fmt == "jsonl" else _parquet_records(path, columns)
-    rows: list[Row] = []
+    records = _jsonl_records(path) if fmt == "jsonl" else _parquet_records(path, columns, expected or _EXPECTED)
+    rows: list[Any] = []
     seen: dict[str, str] = {}  # id -> where it was first seen
     for line, record in records:
-        row = _row(record, columns, f"{path}:{line}")
+        row = (make_row or _row)(record, columns, f"{path}:{line}")
         if row.id in seen:
             raise TaskFileError(f"{row.where}: id {row.id!r} repeats the id of {seen[row.id]}")
         seen[row.id] = row.where
@@ -66,7 +72,73 @@ def read_rows(path: str | Path, columns: dict[str, str], file_format: str = "aut
     return rows
 
 
-class FileSource:
+class RowStream:
+    """The rows of a file as a seeded, resumable stream: the held-out split (a separate file, or the
+    `eval_size` rows whose prompt hashes lowest, with training rows of a held-out prompt dropped) and a
+    shuffle per epoch whose position `(epoch, pos)` is the state. A subclass turns a row into a task
+    (`_task(row, task_id)`); `FileSource` and `engine.tasks.pairs.PairFileSource` share it."""
+
+    def __init__(self, path: str, rows: list[Any], held: list[Any] | None, eval_size: int, seed: int) -> None:
+        if held is None:
+            if eval_size >= len(rows):
+                raise ValueError(
+                    f"task.eval_size={eval_size} leaves no training rows in {path} ({len(rows)} rows)"
+                )
+            held = sorted(rows, key=lambda r: problem_hash(prompt_text(r.prompt)))[:eval_size]
+        held_prompts = {problem_hash(prompt_text(r.prompt)) for r in held}
+        self._train = [r for r in rows if problem_hash(prompt_text(r.prompt)) not in held_prompts]
+        if not self._train:
+            raise ValueError(f"{path}: every row is held out (its prompt is in the held-out set)")
+        self._eval = held
+        self.seed = seed
+        self._epoch, self._pos = 0, 0
+        self._order = self._permutation("train", 0)
+
+    def _task(self, row: Any, task_id: str) -> Task:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> list[Task]:
+        tasks = []
+        for _ in range(n):
+            if self._pos == len(self._order):
+                self._epoch, self._pos = self._epoch + 1, 0
+                self._order = self._permutation("train", self._epoch)
+            row = self._train[self._order[self._pos]]
+            tasks.append(self._task(row, f"{row.id}@{self._epoch}"))
+            self._pos += 1
+        return tasks
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        if n > len(self._eval):
+            raise ValueError(f"asked for {n} held-out tasks but the held-out set has {len(self._eval)}")
+        return [self._task(row, row.id) for row in self._eval[:n]]
+
+    def _corpus_rows(self, n_docs: int) -> Iterator[Any]:
+        epoch, order = 0, self._permutation("corpus", 0)
+        for i in range(n_docs):
+            if i and i % len(order) == 0:
+                epoch += 1
+                order = self._permutation("corpus", epoch)
+            yield self._train[order[i % len(order)]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self._epoch, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}"
+            )
+        self._epoch, self._pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation("train", self._epoch)
+
+    def _permutation(self, stream: str, epoch: int) -> list[int]:
+        order = list(range(len(self._train)))
+        random.Random(f"file:{stream}:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+
+class FileSource(RowStream):
     """Seeded, resumable stream over the rows of a task file (see the module docstring)."""
 
     def __init__(
@@ -89,23 +161,9 @@ class FileSource:
             if not columns[required]:
                 raise ValueError(f"task.file.columns.{required} must name a column")
         rows = read_rows(path, columns, file_format)
-        if eval_path:
-            held = read_rows(eval_path, columns, file_format)
-        else:
-            if eval_size >= len(rows):
-                raise ValueError(
-                    f"task.eval_size={eval_size} leaves no training rows in {path} ({len(rows)} rows)"
-                )
-            held = sorted(rows, key=lambda r: problem_hash(prompt_text(r.prompt)))[:eval_size]
-        held_prompts = {problem_hash(prompt_text(r.prompt)) for r in held}
-        self._train = [r for r in rows if problem_hash(prompt_text(r.prompt)) not in held_prompts]
-        if not self._train:
-            raise ValueError(f"{path}: every row is held out (its prompt is in the held-out set)")
-        self._eval = held
+        held = read_rows(eval_path, columns, file_format) if eval_path else None
         self.verifier = verifier
-        self.seed = seed
-        self._epoch, self._pos = 0, 0
-        self._order = self._permutation("train", 0)
+        RowStream.__init__(self, path, rows, held, eval_size, seed)
 
     def references(self) -> Iterator[tuple[str, str, Any]]:
         """`(file:line, verifier, reference)` of every training and held-out row, for the engine to have
@@ -122,46 +180,9 @@ class FileSource:
             f.path, f.format, dict(f.columns), f.verifier, f.eval_path, seed=seed, eval_size=cfg.eval_size
         )
 
-    def sample(self, n: int) -> list[Task]:
-        tasks = []
-        for _ in range(n):
-            if self._pos == len(self._order):
-                self._epoch, self._pos = self._epoch + 1, 0
-                self._order = self._permutation("train", self._epoch)
-            row = self._train[self._order[self._pos]]
-            tasks.append(self._task(row, f"{row.id}@{self._epoch}"))
-            self._pos += 1
-        return tasks
-
-    def eval_tasks(self, n: int) -> list[Task]:
-        if n > len(self._eval):
-            raise ValueError(f"asked for {n} held-out tasks but the held-out set has {len(self._eval)}")
-        return [self._task(row, row.id) for row in self._eval[:n]]
-
     def corpus(self, n_docs: int) -> Iterator[str]:
-        epoch, order = 0, self._permutation("corpus", 0)
-        for i in range(n_docs):
-            if i and i % len(order) == 0:
-                epoch += 1
-                order = self._permutation("corpus", epoch)
-            row = self._train[order[i % len(order)]]
+        for row in self._corpus_rows(n_docs):
             yield prompt_text(row.prompt) + (row.response or "")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self._epoch, "pos": self._pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"state is of a stream with seed {state['seed']}, this source has seed {self.seed}"
-            )
-        self._epoch, self._pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._permutation("train", self._epoch)
-
-    def _permutation(self, stream: str, epoch: int) -> list[int]:
-        order = list(range(len(self._train)))
-        random.Random(f"file:{stream}:{self.seed}:{epoch}").shuffle(order)
-        return order
 
     def _task(self, row: Row, task_id: str) -> Task:
         return Task(
@@ -207,7 +228,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line, record
 
 
-def _parquet_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_records(path: Path, columns: dict[str, str], expected: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -219,51 +240,62 @@ def _parquet_records(path: Path, columns: dict[str, str]) -> Iterator[tuple[int,
         if column and column not in table.column_names:
             raise TaskFileError(
                 f"{path}: column {column!r} (task field {field_name!r}) is missing (expected "
-                f"{_EXPECTED[field_name]}); columns are {table.column_names}"
+                f"{expected[field_name]}); columns are {table.column_names}"
             )
     yield from enumerate(table.to_pylist(), start=1)
 
 
-def _row(record: dict[str, Any], columns: dict[str, str], where: str) -> Row:
-    def get(field_name: str) -> Any:
-        column = columns[field_name]
-        if column not in record:
-            raise TaskFileError(f"{where}: field {column!r} is missing (expected {_EXPECTED[field_name]})")
-        value = record[column]
+class RecordFields:
+    """One record's fields read by field name through a column mapping; every error names file:line,
+    the column and what was expected (`expected[field]`)."""
+
+    def __init__(self, record: dict[str, Any], columns: dict[str, str], where: str, expected: dict[str, str]) -> None:
+        self.record, self.columns, self.where, self.expected = record, columns, where, expected
+
+    def get(self, field_name: str) -> Any:
+        column = self.columns[field_name]
+        if column not in self.record:
+            raise TaskFileError(f"{self.where}: field {column!r} is missing (expected {self.expected[field_name]})")
+        value = self.record[column]
         if value is None:
-            raise TaskFileError(f"{where}: field {column!r} is null (expected {_EXPECTED[field_name]})")
+            raise TaskFileError(f"{self.where}: field {column!r} is null (expected {self.expected[field_name]})")
         return value
 
-    def wrong(field_name: str, value: Any) -> TaskFileError:
-        return TaskFileError(
-            f"{where}: field {columns[field_name]!r} is {type(value).__name__} {_short(value)} "
-            f"(expected {_EXPECTED[field_name]})"
-        )
+    def wrong(self, field_name: str, value: Any, why: str = "") -> TaskFileError:
+        return TaskFileError(f"{self.where}: field {self.columns[field_name]!r} is {type(value).__name__} "
+                             f"{short(value)}{why} (expected {self.expected[field_name]})")
 
-    prompt = get("prompt")
-    if not _is_prompt(prompt):
-        raise wrong("prompt", prompt)
-    reference = get("reference")
-    if isinstance(reference, int) and not isinstance(reference, bool):
-        reference = str(reference)  # integer answers are common in math sets; the verifier reads text
-    elif not isinstance(reference, (str, dict)):  # dict: the unit tests of a `unit_tests` task
-        raise wrong("reference", reference)
-    response = None
-    if columns["response"]:
-        response = get("response")
-        if not isinstance(response, str):
-            raise wrong("response", response)
-    row_id = where
-    if columns["id"]:
-        row_id = get("id")
-        if isinstance(row_id, int) and not isinstance(row_id, bool):
-            row_id = str(row_id)
-        if not isinstance(row_id, str):
-            raise wrong("id", row_id)
-    return Row(id=row_id, prompt=prompt, reference=reference, response=response, where=where)
+    def prompt(self) -> str | list[dict[str, str]]:
+        value = self.get("prompt")
+        if not is_prompt(value):
+            raise self.wrong("prompt", value)
+        return value  # type: ignore[no-any-return]
+
+    def text(self, field_name: str, numbers: bool = False) -> str:
+        """A string field (`numbers`: an integer is read as its digits, as ids and math answers often are)."""
+        value = self.get(field_name)
+        if numbers and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise self.wrong(field_name, value)
+        return value
+
+    def row_id(self) -> str:
+        """The `id` column, or `<file>:<line>` when the mapping names none."""
+        return self.text("id", numbers=True) if self.columns["id"] else self.where
 
 
-def _is_prompt(value: Any) -> bool:
+def _row(record: dict[str, Any], columns: dict[str, str], where: str) -> Row:
+    fields = RecordFields(record, columns, where, _EXPECTED)
+    prompt = fields.prompt()
+    reference = fields.get("reference")
+    if not isinstance(reference, dict):  # dict: the unit tests of a `unit_tests` task
+        reference = fields.text("reference", numbers=True)  # the verifier reads integer answers as text
+    response = fields.text("response") if columns["response"] else None
+    return Row(id=fields.row_id(), prompt=prompt, reference=reference, response=response, where=where)
+
+
+def is_prompt(value: Any) -> bool:
     if isinstance(value, str):
         return bool(value)
     return (
@@ -276,6 +308,6 @@ def _is_prompt(value: Any) -> bool:
     )
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

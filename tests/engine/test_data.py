@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from engine.data import encode_prompt, encode_response, pack_pretrain, sft_batch
+from engine.data import encode_prompt, encode_response, pack_pretrain, preference_batch, sft_batch
 from engine.models import train_tokenizer
 from verifiers.base import Task
 
@@ -88,3 +88,15 @@ def test_prompt_ids_are_a_prefix_of_the_sft_row():
     response_ids = encode_response(tokenizer, "Answer: 7")
     assert row == prompt_ids + response_ids + [tokenizer.eos_token_id]
     assert tokenizer.decode(row, skip_special_tokens=True) == "What is 3+4?\nAnswer: 7"
+
+
+def test_preference_batch_pads_both_sides_to_one_width(word_tokenizer: PreTrainedTokenizerFast) -> None:
+    tasks = [Task(id=str(i), prompt="what is it", reference="", verifier="math",
+                  meta={"chosen": "one two", "rejected": "three four five six" if i else "one"}) for i in range(2)]
+    batch = preference_batch(tasks, word_tokenizer, max_len=32)
+    shapes = {tuple(v.shape) for v in batch.values()}
+    assert len(shapes) == 1
+    # loss on the response tokens and eos only: "one two" + eos = 3, "one" + eos = 2, 4 words + eos = 5
+    assert batch["chosen_loss_mask"].sum(-1).tolist() == [3.0, 3.0]
+    assert batch["rejected_loss_mask"].sum(-1).tolist() == [2.0, 5.0]
+    assert not batch["chosen_loss_mask"][:, 0].any()

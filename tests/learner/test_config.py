@@ -25,6 +25,10 @@ def test_uneven_geometry_names_the_fields(batch: int, micro: int, world: int) ->
         ({"zero_stage": 4}, "zero_stage"),
         ({"precision": "fp16"}, "precision"),
         ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"preference_loss": "kto"}, "preference_loss"),
+        ({"preference_beta": 0.0}, "preference_beta"),
+        ({"preference_label_smoothing": 0.5}, "preference_label_smoothing"),
+        ({"preference_nll_coef": -1.0}, "preference_nll_coef"),
     ],
 )
 def test_validate_rejects_bad_choices(override: dict, field: str) -> None:
