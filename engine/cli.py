@@ -1,6 +1,6 @@
 """`assay`: the command line.
 
-    assay train [OVERRIDES...]          one stage (stage=pretrain|sft|dpo|rl) of an experiment
+    assay train [OVERRIDES...]          one stage (stage=pretrain|sft|dpo|rm|rl) of an experiment
     assay demo  [OVERRIDES...]          the embedded default: pretrain -> SFT -> GRPO on the local CPU, with a report
     assay config [OVERRIDES...]         print the resolved configuration
     assay verify --verifier ... --input FILE.jsonl      score responses offline
@@ -139,7 +139,7 @@ def run_stage(cfg: AssayConfig) -> StageResult:
     console.expect_log(run_dir / console.LOG_NAME)
     logs = f" (third-party output: {console.LOG_NAME} there; --verbose prints it)" if console.is_quiet() else ""
     print(f"[assay] {cfg.stage}: run directory {run_dir.absolute()}{logs}")
-    runners = {"pretrain": run_supervised, "sft": run_supervised, "dpo": run_supervised, "rl": run_rl}
+    runners = {"pretrain": run_supervised, "sft": run_supervised, "dpo": run_supervised, "rm": run_supervised, "rl": run_rl}
     result = runners[cfg.stage](cfg)
     if (signum := stopping.pending()) is not None:  # a signal during the last step: the stage is done
         raise stopping.Stopped(result.steps, signum, result.export_dir.parent)

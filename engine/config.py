@@ -130,7 +130,8 @@ class AssayConfig:
     """Experiment name; the run writes `runs_dir/<name>/<stage>/`."""
     stage: str = "pretrain"
     """`pretrain` (NLL on all tokens of packed sequences), `sft` (NLL on response tokens only), `dpo`
-    (a preference loss on chosen/rejected pairs, `learner.preference_loss`) or `rl`."""
+    (a preference loss on chosen/rejected pairs, `learner.preference_loss`), `rm` (a reward model on the
+    same pairs: the Bradley-Terry loss on a scalar head) or `rl`."""
     stage_dir: str | None = None
     """The stage's directory under `runs_dir/<name>/` (default: the stage's name). Set it to run two
     stages of one kind in one run, e.g. SFT on clean demonstrations, then on a flawed teacher's."""
@@ -184,7 +185,7 @@ class AssayConfig:
 
 # Closed sets of values; the message of a bad value lists them.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "stage": ("pretrain", "sft", "dpo", "rl"),
+    "stage": ("pretrain", "sft", "dpo", "rm", "rl"),
     "rl.advantage": tuple(ESTIMATORS),
     "rl.collector": tuple(COLLECTORS),
     "learner.loss": tuple(LOSSES),
@@ -264,6 +265,10 @@ def validate(cfg: AssayConfig) -> None:
         raise ConfigError(f"rl.max_staleness={cfg.rl.max_staleness}: expected 0 (synchronous) or a positive number "
                           "of versions together with learner.tis_cap (e.g. 2.0), which importance-corrects the "
                           "samples of older weights")
+    if cfg.stage == "rm":  # the stage decides what the learner trains (resolved here, like old_logprobs)
+        cfg.learner.head = "reward"
+    elif cfg.learner.head != "lm":
+        raise ConfigError(f"learner.head={cfg.learner.head} is for stage=rm only (stage={cfg.stage} trains the causal LM)")
     if cfg.learner.old_logprobs == "auto":  # resolved here, the one place that sees sampler and learner
         cfg.learner.old_logprobs = "rollout" if sampler_logprobs_exact(cfg) else "learner"
     if cfg.learner.old_logprobs == "rollout" and (cfg.rl.max_staleness > 0 or cfg.learner.tis_cap is not None):

@@ -33,7 +33,13 @@ from engine.data import preference_batch
 from engine.evaluate import evaluate_tasks
 from engine.runs import Recipe
 from engine.tasks import TaskSource
-from learner.algos import PREFERENCE_LOSSES, PairLogps, PreferenceSettings, preference_loss
+from learner.algos import (
+    PREFERENCE_LOSSES,
+    PairLogps,
+    PreferenceSettings,
+    bradley_terry_loss,
+    preference_loss,
+)
 from verifiers.base import Task
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -70,6 +76,31 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
         return out
 
     return Recipe(batch=batch, train=group.train_preference_step, evaluate=evaluate)
+
+
+def rm_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_dir: Path, run_dir: Path) -> Recipe:
+    """The RM stage: the Bradley-Terry loss on the pairs (with their `margin` when the data has one), and
+    the held-out pair accuracy of the rewards."""
+    require_pairs(cfg, source)
+    held_out = source.eval_tasks(cfg.task.eval_size)
+    held_out_batch = preference_batch(held_out, tokenizer, cfg.max_len)
+
+    def batch() -> dict[str, torch.Tensor]:
+        tasks = source.sample(cfg.learner.batch_size)
+        out = preference_batch(tasks, tokenizer, cfg.max_len)
+        margins = [task.meta.get("margin") for task in tasks]
+        if any(m is not None for m in margins):
+            out["margin"] = torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)
+        return out
+
+    def evaluate(samples: int) -> dict[str, float]:
+        rewards = group.pair_rewards(held_out_batch)
+        loss, metrics = bradley_terry_loss(rewards["chosen"], rewards["rejected"], len(held_out))
+        return {"eval/rm_loss": float(loss), "eval/rm_accuracy": metrics["rewards/accuracy"],
+                "eval/reward_margin": metrics["rewards/margin"], "eval/reward_std": float(
+                    torch.cat([rewards["chosen"], rewards["rejected"]]).std())}
+
+    return Recipe(batch=batch, train=group.train_reward_step, evaluate=evaluate)
 
 
 def require_pairs(cfg: Any, source: TaskSource) -> None:

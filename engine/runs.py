@@ -24,7 +24,8 @@ from engine.tasks.files import TaskFileError
 
 # Where a stage starts from when `model.path` is unset: the newest export of an earlier stage of the
 # same run, in this order, else a freshly built tiny model.
-EARLIER_STAGES = {"pretrain": (), "sft": ("pretrain",), "dpo": ("sft", "pretrain"), "rl": ("dpo", "sft", "pretrain")}
+EARLIER_STAGES = {"pretrain": (), "sft": ("pretrain",), "dpo": ("sft", "pretrain"), "rm": ("sft", "pretrain"),
+                  "rl": ("dpo", "sft", "pretrain")}
 
 
 @dataclass(frozen=True)

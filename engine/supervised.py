@@ -1,10 +1,11 @@
-"""The offline stages (pretrain, SFT, DPO): task source -> batches -> LearnerGroup, with runs that resume.
+"""The offline stages (pretrain, SFT, DPO, RM): task source -> batches -> LearnerGroup, with runs that resume.
 
 Pretrain packs whole task documents into fixed-length rows and trains NLL on every token; SFT
 trains NLL on the response tokens of (prompt, demonstration) pairs through `loss_mask`; DPO trains a
-preference loss on (prompt, chosen, rejected) pairs (`engine.preference`). All run through the same
-DeepSpeed `LearnerGroup`, the same checkpoints and the same metrics as RL: one loop, and per stage a
-`Recipe` (its batches, its step, its evaluation) from the table `RECIPES`.
+preference loss on (prompt, chosen, rejected) pairs and RM a reward model on the same pairs
+(`engine.preference`). All run through the same DeepSpeed `LearnerGroup`, the same checkpoints and
+the same metrics as RL: one loop, and per stage a `Recipe` (its batches, its step, its evaluation)
+from the table `RECIPES`.
 
 A run lives in `runs/<name>/<stage>/`: `config.yaml` (resolved), `metrics.jsonl`, `tb/`,
 `checkpoints/step_N/` (atomic), and `final/hf` (an HF export loadable by transformers and vLLM).
@@ -27,7 +28,7 @@ from engine.config import AssayConfig
 from engine.data import encode_response, pack_pretrain, sft_batch
 from engine.evaluate import evaluate_tasks
 from engine.metrics import MetricsSink
-from engine.preference import dpo_recipe, require_pairs
+from engine.preference import dpo_recipe, require_pairs, rm_recipe
 from engine.ray_cluster import init_ray
 from engine.runs import Recipe, StageResult, export_final, finish_step, open_stage, resume, save_step
 from engine.tasks import TaskSource
@@ -112,6 +113,7 @@ RECIPES: dict[str, Callable[[AssayConfig, LearnerGroup, TaskSource, Any, Path, P
     "pretrain": partial(supervised_recipe, pretrain_batch),
     "sft": partial(supervised_recipe, sft_step_batch),
     "dpo": dpo_recipe,
+    "rm": rm_recipe,
 }
 # Stage -> what it needs of the task source beyond the protocol, checked before the run directory opens.
-SOURCE_CHECKS = {"dpo": require_pairs}
+SOURCE_CHECKS = {"dpo": require_pairs, "rm": require_pairs}

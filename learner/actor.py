@@ -64,6 +64,12 @@ class LearnerActor:
     def pair_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.worker.pair_logps(batch)
 
+    def train_reward_step(self, batch: dict[str, Tensor], num_pairs: int) -> dict[str, float]:
+        return self.worker.train_reward_step(batch, num_pairs)
+
+    def pair_rewards(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.worker.pair_rewards(batch)
+
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return self.worker.logprobs(batch)
 

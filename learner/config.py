@@ -20,6 +20,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 OLD_LOGPROBS = ("auto", "learner", "rollout")
 LR_SCHEDULES = ("cosine", "constant")
+HEADS = ("lm", "reward")
 
 
 @dataclass
@@ -88,6 +89,10 @@ class LearnerConfig:
 
     seed: int = 0
     """Seed of torch's RNG on every learner rank (offset by rank)."""
+
+    head: str = "lm"
+    """What the learner trains: `lm`, the causal LM (every stage but `rm`), or `reward`, the same body with
+    a scalar head (`AutoModelForSequenceClassification`, one label), which `stage=rm` sets."""
 
     loss: str = "nll"
     """Key into `learner.algos.LOSSES` (supervised modes: pretrain, SFT)."""
@@ -226,6 +231,8 @@ def validate(cfg: LearnerConfig, world_size: int) -> int:
         raise ValueError(f"LearnerConfig.warmup_steps: expected >= 0, got {cfg.warmup_steps}")
     if cfg.threads < 1:
         raise ValueError(f"LearnerConfig.threads: expected a positive integer, got {cfg.threads}")
+    if cfg.head not in HEADS:
+        raise ValueError(f"LearnerConfig.head: expected one of {HEADS}, got {cfg.head!r}")
     validate_rl(cfg)
     validate_preference(cfg)
     return gradient_accumulation_steps(cfg.batch_size, cfg.micro_batch_size, world_size)

@@ -159,6 +159,22 @@ class LearnerGroup:
                 for actor, shard in zip(self.actors, shards)]
         return combine_metrics(ray.get(refs))
 
+    def train_reward_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """One reward-model optimizer step (`head=reward`, `learner.reward_step`) on a global batch of pairs,
+        with an optional per-pair `margin`."""
+        pairs = check_pairs(batch)
+        check_rows(pairs, self.world_size, self.cfg.micro_batch_size)
+        keys = PAIR_KEYS + (("margin",) if "margin" in batch else ())
+        shards = shard_rows({k: batch[k] for k in keys}, self.world_size)
+        return combine_metrics(ray.get([actor.train_reward_step.remote(shard, pairs)
+                                        for actor, shard in zip(self.actors, shards)]))
+
+    def pair_rewards(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The reward model's `chosen` and `rejected` rewards, (N,) each; any number of pairs."""
+        out = self._scored({k: batch[k] for k in PAIR_KEYS}, "pair_rewards")
+        assert isinstance(out, dict)
+        return out
+
     def pair_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sequence log-probabilities of pairs under the current weights (`PreferenceSteps.pair_logps`):
         `chosen`, `rejected` and their token counts, (N,) each; any number of pairs."""

@@ -372,10 +372,47 @@ def _build_engine(
 
 
 def _policy_model(cfg: LearnerConfig, model_dir: str) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if cfg.head == "lm"
+             else reward_model(model_dir, cfg.seed))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def reward_model(model_dir: str, seed: int) -> PreTrainedModel:
+    """The body of the causal LM in `model_dir` under a new scalar head: a one-label
+    `AutoModelForSequenceClassification`, as transformers loads reward models.
+
+    The head is drawn from a generator seeded with `seed` (the same on every rank), N(0, the model's
+    `initializer_range`), as transformers would. Its reward is read where transformers reads it: at the
+    last token that is not the pad token, so the config's `pad_token_id` is set (the tokenizer's pad
+    token, else its eos) and the exported model scores like the one trained.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():  # "Some weights ... newly initialized: ['score.weight']" is the point
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = _pad_token_id(model_dir, model.config)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{model_dir}: {type(model).__name__} has no linear `score` head to train as a reward model")
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * std)
+    return model  # type: ignore[no-any-return]
+
+
+def _pad_token_id(model_dir: str, config: Any) -> int | None:
+    """The tokenizer's pad token (else its eos) when `model_dir` has a tokenizer, else the config's eos."""
+    from transformers import AutoTokenizer
+
+    if any((Path(model_dir) / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def _export_hf(module: PreTrainedModel, state: dict[str, Tensor], model_dir: str, out_dir: Path) -> None:

@@ -123,7 +123,7 @@ class FileConfig:
 
 
 # Pair field -> column name of a preference file; "" = the file has no such column.
-PAIR_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "", "reference": ""}
+PAIR_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "", "reference": "", "margin": ""}
 
 
 @dataclass
@@ -138,8 +138,9 @@ class PairsConfig:
 
     columns: dict[str, str] = field(default_factory=lambda: dict(PAIR_COLUMNS))
     """Pair field -> column name, for `prompt` (text or chat messages), `chosen` and `rejected` (text, or
-    chat messages ending in the assistant's answer), `id` and `reference` (optional: an answer the
-    `verifier` checks, for the held-out accuracy). An empty name: the file has no such column."""
+    chat messages ending in the assistant's answer), and the optional `id`, `reference` (an answer the
+    `verifier` checks, for the held-out accuracy) and `margin` (a number: how much better chosen is, for
+    the reward model's margin loss). An empty name: the file has no such column."""
 
     eval_path: str | None = None
     """`pairs`: a separate held-out file. Unset: the `task.eval_size` rows whose prompt hashes lowest."""

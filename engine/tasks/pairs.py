@@ -35,6 +35,7 @@ _EXPECTED = {
     "rejected": "a string or a list of chat messages ending with the assistant's",
     "id": "a string",
     "reference": "a string",
+    "margin": "a number",
 }
 
 
@@ -48,6 +49,7 @@ class PairRow:
     rejected: str
     reference: str | None
     where: str  # "<file>:<line>"
+    margin: float | None = None
 
 
 class PairStream(RowStream):
@@ -58,7 +60,7 @@ class PairStream(RowStream):
     def _task(self, row: PairRow, task_id: str) -> Task:
         return Task(id=task_id, prompt=row.prompt, reference=row.reference or "", verifier=self.verifier,
                     meta={"response": row.chosen, "chosen": row.chosen, "rejected": row.rejected, "pair": row.id,
-                          "source": row.where, "judged": row.reference is not None})
+                          "source": row.where, "judged": row.reference is not None, "margin": row.margin})
 
     def corpus(self, n_docs: int) -> Iterator[str]:
         for row in self._corpus_rows(n_docs):
@@ -146,5 +148,10 @@ def _pair_row(record: dict[str, Any], columns: dict[str, str], where: str) -> Pa
     if sides["chosen"] == sides["rejected"]:
         raise TaskFileError(f"{where}: chosen and rejected are the same text, which teaches nothing")
     reference = fields.text("reference", numbers=True) if columns["reference"] else None
+    margin = None
+    if columns["margin"]:
+        margin = fields.get("margin")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise fields.wrong("margin", margin)
     return PairRow(id=fields.row_id(), prompt=prompt, chosen=sides["chosen"], rejected=sides["rejected"],
-                   reference=reference, where=where)
+                   reference=reference, where=where, margin=None if margin is None else float(margin))

@@ -33,6 +33,7 @@ from learner.algos.preference import (
     PREFERENCE_LOSSES,
     PairLogps,
     PreferenceSettings,
+    bradley_terry_loss,
     preference_loss,
 )
 from learner.algos.sft import nll_loss, token_logprobs
@@ -43,7 +44,7 @@ LOSSES = {"nll": nll_loss}
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "ESTIMATORS", "KL_ESTIMATORS", "LOSSES", "POLICY_LOSSES",
-    "PREFERENCE_LOSSES", "PairLogps", "PreferenceSettings", "aggregate", "clipped_value_loss",
+    "PREFERENCE_LOSSES", "PairLogps", "PreferenceSettings", "aggregate", "bradley_terry_loss", "clipped_value_loss",
     "dr_grpo_advantages", "entropy_from_logits", "gae_advantages", "group_advantages", "gspo_loss",
     "informative_groups", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "nll_loss", "overlong_penalty",
     "ppo_clip_loss", "preference_loss", "rloo_advantages", "token_advantages", "token_entropy",

@@ -19,6 +19,9 @@ the table holds (b = `beta`, e = `label_smoothing`, g = `gamma`; sigma the logis
 and SimPO's length normalisation follow the papers (and TRL's `ipo` / `simpo`). The implicit rewards
 TRL users read are `b * d_c` and `b * d_r` (SimPO: `b * logp_c`, `b * logp_r`).
 
+`bradley_terry_loss` is the reward model's (`stage=rm`): -log sigma(r_c - r_r - margin) on the scalar
+rewards of the two responses, the margin optional (Llama 2's reward models use one).
+
 `preference_loss` divides by the GLOBAL number of pairs (all ranks, all micro-batches), like
 `nll_loss` divides by the global token count, so micro-batch losses and metrics add up to the mean.
 """
@@ -130,4 +133,18 @@ def preference_loss(
             "logps/chosen": float(chosen.sum()) / num_pairs,
             "logps/rejected": float(rejected.sum()) / num_pairs,
         }
+    return loss, metrics
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, num_pairs: int, margin: Tensor | None = None,
+                       ) -> tuple[Tensor, dict[str, float]]:
+    """-log sigma(chosen - rejected - margin) summed over these pairs / `num_pairs`, and the metrics
+    (each this call's share of a global mean): `rewards/chosen`, `rewards/rejected`, `rewards/margin`,
+    `rewards/accuracy` (the share of pairs whose chosen reward is higher)."""
+    diff = chosen - rejected
+    loss = -F.logsigmoid(diff - (margin if margin is not None else 0.0)).sum() / num_pairs
+    with torch.no_grad():
+        metrics = {"learner/loss": float(loss), "rewards/chosen": float(chosen.sum()) / num_pairs,
+                   "rewards/rejected": float(rejected.sum()) / num_pairs, "rewards/margin": float(diff.sum()) / num_pairs,
+                   "rewards/accuracy": float((diff > 0).float().sum()) / num_pairs}
     return loss, metrics

@@ -78,7 +78,7 @@ def test_wrong_type_names_key() -> None:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("stage=rl2", "stage='rl2' is not allowed; expected one of pretrain, sft, dpo, rl"),
+        ("stage=rl2", "stage='rl2' is not allowed; expected one of pretrain, sft, dpo, rm, rl"),
         ("learner.zero_stage=5", "zero_stage"),
         ("learner.precision=fp8", "fp32"),
         ("steps=0", "steps=0 is not allowed; expected a positive integer"),

@@ -56,3 +56,21 @@ def test_dpo_refuses_a_source_without_pairs_before_writing(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="task=pairs"):
         run_stage(compose_config(["stage=dpo", "task=arithmetic", f"runs_dir={tmp_path}", "corpus_docs=200"]))
     assert not (tmp_path / "default" / "dpo").exists()
+
+
+def test_rm_trains_a_reward_model_that_transformers_loads(ray_local: Any, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.supervised import run_stage
+
+    args = [a for a in ARGS if not a.startswith(("stage=", "save_every="))]
+    result = run_stage(compose_config([*args, "stage=rm", f"runs_dir={tmp_path}"]))
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert {"rewards/accuracy", "rewards/margin", "learner/loss"} <= set(rows[0])
+    assert {"eval/rm_accuracy", "eval/rm_loss", "eval/reward_margin"} <= set(rows[-1])
+    assert "stage: rm" in (result.run_dir / "config.yaml").read_text()
+    model = AutoModelForSequenceClassification.from_pretrained(result.export_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[5, 6, 7], [5, 6, 0]])).logits.shape == (2, 1)

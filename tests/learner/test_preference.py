@@ -92,3 +92,16 @@ def test_reference_losses_refuse_to_run_without_one() -> None:
         preference_loss("dpo", POLICY, None, PreferenceSettings(), num_pairs=2)
     loss, _ = preference_loss("simpo", POLICY, None, PreferenceSettings(), num_pairs=2)
     assert torch.isfinite(loss)
+
+
+def test_bradley_terry_on_a_hand_worked_batch() -> None:
+    from learner.algos import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5])
+    # differences 1 and -0.5: (log(1 + e^-1) + log(1 + e^0.5)) / 2
+    loss, metrics = bradley_terry_loss(chosen, rejected, num_pairs=2)
+    assert float(loss) == pytest.approx((neg_log_sigmoid(1.0) + neg_log_sigmoid(-0.5)) / 2, abs=1e-6)
+    assert metrics["rewards/accuracy"] == 0.5 and metrics["rewards/margin"] == pytest.approx(0.25)
+    # a margin of 1 on the first pair: its term becomes -log sigma(0) = log 2
+    loss, _ = bradley_terry_loss(chosen, rejected, num_pairs=2, margin=torch.tensor([1.0, 0.0]))
+    assert float(loss) == pytest.approx((math.log(2) + neg_log_sigmoid(-0.5)) / 2, abs=1e-6)

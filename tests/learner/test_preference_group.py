@@ -57,6 +57,33 @@ def test_two_ranks_reproduce_one(ray_local: Any, tiny_model_dir: str, preference
         assert one[0]["learner/chosen_nll"] > 0
 
 
+def test_reward_model_two_ranks_reproduce_one_and_export_what_transformers_loads(
+        ray_local: Any, tiny_model_dir: str, tmp_path: Any) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    batches = [{k: v for k, v in b.items() if not k.startswith("ref_")} | {"margin": torch.full((8,), 0.5)}
+               for b in BATCHES]
+    runs = []
+    for zero_stage, world in ((0, 1), (2, 2)):
+        group = LearnerGroup(config(zero_stage, head="reward"), tiny_model_dir, world_size=world, total_steps=4)
+        try:
+            runs.append([group.train_reward_step(b) for b in batches])
+            if world == 1:
+                rewards = group.pair_rewards(BATCHES[0])
+                group.save(str(tmp_path / "rm"))
+        finally:
+            group.shutdown()
+    one, two = runs
+    for key in ("learner/loss", "learner/grad_norm", "rewards/chosen", "rewards/margin"):
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5), key
+    assert one[1]["learner/loss"] != one[0]["learner/loss"]
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "hf")
+    with torch.no_grad():
+        logits = exported(input_ids=BATCHES[0]["chosen_input_ids"],
+                          attention_mask=BATCHES[0]["chosen_attention_mask"]).logits.squeeze(-1)
+    assert torch.allclose(logits, rewards["chosen"], atol=1e-5)
+
+
 def test_pair_logps_sum_the_response_tokens(ray_local: Any, tiny_model_dir: str) -> None:
     group = LearnerGroup(config(0), tiny_model_dir, world_size=1, total_steps=1)
     try:
