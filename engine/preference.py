@@ -5,8 +5,9 @@ The recipe (`engine.runs.Recipe`) the offline loop of `engine.supervised` runs f
 
 - **Reference log-probabilities, once.** The reference is the stage's starting model (the SFT export).
   Before the first step -- before a resumed run loads its checkpoint -- the learner group, which still
-  holds exactly those weights, scores every training and held-out pair once, in a fixed order and fixed
-  chunks, and the numbers are kept in `reference_logps.pt` in the run directory (written atomically).
+  holds exactly those weights, scores once each pair the run will draw (the stream read ahead and
+  rewound; at most every training pair) and the held-out pairs, in draw order and fixed chunks, and the
+  numbers are kept in `reference_logps.pt` in the run directory (written atomically).
   Every batch then carries its pairs' reference numbers: no reference model lives next to the policy,
   trainable or frozen, and no step pays a second forward pass. A resumed run reads the file (or, if
   it is gone, scores the pairs again before loading the checkpoint: the same numbers). `simpo` uses
@@ -23,6 +24,7 @@ The recipe (`engine.runs.Recipe`) the offline loop of `engine.supervised` runs f
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,11 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
     """The DPO stage's batches, step and evaluation (see the module docstring)."""
     require_pairs(cfg, source)
     learner = cfg.learner
-    reference = (reference_logps(run_dir, group, source.all_pairs(), tokenizer, cfg)  # type: ignore[attr-defined]
-                 if PREFERENCE_LOSSES[learner.preference_loss].uses_reference else None)
+    start = time.perf_counter()
     held_out = source.eval_tasks(cfg.task.eval_size)
+    reference = (reference_logps(run_dir, group, [*drawn_pairs(source, cfg), *held_out], tokenizer, cfg)
+                 if PREFERENCE_LOSSES[learner.preference_loss].uses_reference else None)
+    first_step = {"perf/reference_s": time.perf_counter() - start}  # logged with step 1
     held_out_batch = preference_batch(held_out, tokenizer, cfg.max_len)
     settings = PreferenceSettings(learner.preference_beta, learner.preference_label_smoothing, learner.simpo_gamma)
 
@@ -75,7 +79,12 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
             out |= evaluate_tasks(group, model_dir, tokenizer, held_out, cfg, samples)
         return out
 
-    return Recipe(batch=batch, train=group.train_preference_step, evaluate=evaluate)
+    def train(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        metrics = group.train_preference_step(batch) | first_step
+        first_step.clear()
+        return metrics  # type: ignore[no-any-return]
+
+    return Recipe(batch=batch, train=train, evaluate=evaluate)
 
 
 def rm_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_dir: Path, run_dir: Path) -> Recipe:
@@ -105,31 +114,45 @@ def rm_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_di
 
 def require_pairs(cfg: Any, source: TaskSource) -> None:
     """Refuse a task source without preference pairs (before the run directory is opened)."""
-    if not callable(getattr(source, "all_pairs", None)):
+    if not callable(getattr(source, "training_pairs", None)):
         raise ConfigError(f"stage=dpo trains on preference pairs, but task.source={cfg.task.source!r} yields single "
                               "responses: use task=pairs (task.pairs.path=FILE) or task=arithmetic_pairs")
 
 
+def drawn_pairs(source: TaskSource, cfg: Any) -> list[Task]:
+    """Each training pair the stage's `steps` batches will draw, once, in draw order: the stream is read
+    ahead from its start and rewound, and reading stops once every training pair has been seen."""
+    state = source.state_dict()
+    wanted, pool = cfg.steps * cfg.learner.batch_size, source.training_pairs()  # type: ignore[attr-defined]
+    seen: dict[str, Task] = {}
+    drawn = 0
+    while drawn < wanted and len(seen) < pool:
+        for task in source.sample(min(cfg.learner.batch_size, wanted - drawn)):
+            seen.setdefault(task.meta["pair"], task)
+        drawn += cfg.learner.batch_size
+    source.load_state_dict(state)
+    return list(seen.values())
+
+
 def reference_logps(run_dir: Path, group: Any, pairs: list[Task], tokenizer: Any, cfg: Any) -> dict[str, tuple[float, float]]:
-    """Pair id -> the reference's (chosen, rejected) sequence log-probabilities: read from the run
-    directory, or scored now by `group` (which must hold the starting weights) and written there."""
+    """Pair id -> the reference's (chosen, rejected) sequence log-probabilities of `pairs`: read from the
+    run directory, or scored now by `group` (which must hold the starting weights) and written there."""
     path = run_dir / REFERENCE_FILE
-    key = {"max_len": cfg.max_len, "pairs": len(pairs)}
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key and all(t.id in saved["logps"] for t in pairs):
+        if saved.get("max_len") == cfg.max_len and all(t.meta["pair"] in saved["logps"] for t in pairs):
             return {k: (float(c), float(r)) for k, (c, r) in saved["logps"].items()}
         print(f"[assay] dpo: {path} is of other pairs or settings; scoring the reference again")
-    print(f"[assay] dpo: scoring {len(pairs)} pairs with the reference (the starting weights), once")
+    print(f"[assay] dpo: scoring the {len(pairs)} pairs this stage uses with the reference (the starting weights), once")
     logps: dict[str, tuple[float, float]] = {}
     chunk = cfg.learner.batch_size
     for start in range(0, len(pairs), chunk):
         tasks = pairs[start : start + chunk]
         scored = group.pair_logps(preference_batch(tasks, tokenizer, cfg.max_len))
         for task, c, r in zip(tasks, scored["chosen"].tolist(), scored["rejected"].tolist()):
-            logps[task.id] = (c, r)
+            logps[task.meta["pair"]] = (c, r)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"key": key, "logps": logps}, tmp)
+    torch.save({"max_len": cfg.max_len, "logps": logps}, tmp)
     os.replace(tmp, path)  # atomic: a run stopped mid-write leaves no half file
     return logps
 

@@ -2,7 +2,8 @@
 
 Both are task sources (the `TaskSource` protocol): a training task's `meta` holds `chosen` and
 `rejected` (its `response`, for corpora and SFT, is the chosen one) and `pair`, the pair's id, which
-keys the reference log-probabilities the DPO stage computes once (`engine.preference`).
+keys the reference log-probabilities the DPO stage computes once (`engine.preference`); a pair source
+also says how many training pairs it draws from (`training_pairs()`).
 
 - `pairs` (`task.pairs.path`): JSON Lines or Parquet, checked whole when the source is built, so a bad
   row stops the run at start-up naming file, line and field (`prefs.jsonl:7: field 'rejected' is
@@ -66,9 +67,9 @@ class PairStream(RowStream):
         for row in self._corpus_rows(n_docs):
             yield prompt_text(row.prompt) + row.chosen
 
-    def all_pairs(self) -> list[Task]:
-        """Every training and held-out pair once (ids are the pair ids), in a fixed order."""
-        return [self._task(row, row.id) for row in [*self._train, *self._eval]]
+    def training_pairs(self) -> int:
+        """How many distinct training pairs the stream draws from."""
+        return len(self._train)
 
 
 class PairFileSource(PairStream):

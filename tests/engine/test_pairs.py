@@ -32,8 +32,20 @@ def test_a_pair_file_streams_tasks_whose_meta_holds_both_sides(tmp_path: Path) -
     held = {t.prompt for t in source.eval_tasks(4)}
     train = {t.prompt for t in source.sample(32)}  # two epochs of the 16 training pairs
     assert not held & train and len(train) == 16
-    every = source.all_pairs()  # what the DPO stage scores with the reference, once
-    assert len({t.id for t in every}) == len(every) == 20
+    assert source.training_pairs() == 16
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(2, 8), (5, 16)])
+def test_the_dpo_stage_reads_ahead_the_pairs_its_steps_draw(tmp_path: Path, steps: int, expected: int) -> None:
+    from types import SimpleNamespace
+
+    from engine.preference import drawn_pairs
+
+    source = PairFileSource(str(write_jsonl(tmp_path / "p.jsonl", pairs(20))), eval_size=4, seed=1)
+    cfg = SimpleNamespace(steps=steps, learner=SimpleNamespace(batch_size=4))
+    ahead = drawn_pairs(source, cfg)  # 2 steps x 4: 8 pairs; 5 x 4 = 20 draws cover all 16
+    assert len({t.meta["pair"] for t in ahead}) == len(ahead) == expected
+    assert [t.meta["pair"] for t in source.sample(steps * 4)][:expected] == [t.meta["pair"] for t in ahead]
 
 
 def test_resume_continues_the_same_stream(tmp_path: Path) -> None:
@@ -85,7 +97,7 @@ def test_parquet_with_a_column_mapping(tmp_path: Path) -> None:
                       "rejected": [r["rejected"] for r in rows]})
     pq.write_table(table, tmp_path / "p.parquet")
     source = PairFileSource(str(tmp_path / "p.parquet"), columns={"prompt": "question"}, eval_size=2)
-    assert len(source.all_pairs()) == 10
+    assert source.training_pairs() == 8
     with pytest.raises(TaskFileError, match="column 'answer' .* is missing"):
         PairFileSource(str(tmp_path / "p.parquet"), columns={"prompt": "question", "reference": "answer"}, eval_size=2)
 
@@ -101,4 +113,4 @@ def test_arithmetic_pairs_prefer_the_right_answer_which_the_verifier_checks() ->
         assert verifier.verify(task.meta["chosen"], task).score == 1.0
         assert verifier.verify(task.meta["rejected"], task).score == 0.0
     again = load_task_source("arithmetic_pairs", cfg, seed=0)
-    assert [t.meta["rejected"] for t in again.all_pairs()] == [t.meta["rejected"] for t in source.all_pairs()]
+    assert [t.meta["rejected"] for t in again.eval_tasks(16)] == [t.meta["rejected"] for t in source.eval_tasks(16)]
