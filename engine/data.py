@@ -70,13 +70,27 @@ def sft_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: in
     return _padded(rows, max(len(ids) for ids, _ in rows), _pad_id(tokenizer))
 
 
-def preference_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: int) -> dict[str, torch.Tensor]:
+def preference_batch(tasks: list[Task], tokenizer: PreTrainedTokenizerBase, max_len: int,
+                     cache: dict[tuple[str, str], tuple[list[int], int]] | None = None) -> dict[str, torch.Tensor]:
     """The pairs of `tasks` (`meta["chosen"]`, `meta["rejected"]`) as a preference batch: for each side the
     rows `sft_batch` builds (`chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask`, and the same
-    for `rejected`), both sides padded to one width so the learner runs them in one forward pass."""
+    for `rejected`), both sides padded to one width so the learner runs them in one forward pass.
+
+    `cache` (pair id and side -> the row's ids and prompt length) keeps each pair's tokens from its first
+    batch on: a stage that sees its pairs for several epochs tokenises each once.
+    """
     if not tasks:
         raise ValueError("preference_batch needs at least one pair")
-    sides = {side: [_response_row(task, side, tokenizer, max_len) for task in tasks] for side in ("chosen", "rejected")}
+
+    def row(task: Task, side: str) -> tuple[list[int], int]:
+        if cache is None:
+            return _response_row(task, side, tokenizer, max_len)
+        key = (str(task.meta["pair"]), side)
+        if key not in cache:
+            cache[key] = _response_row(task, side, tokenizer, max_len)
+        return cache[key]
+
+    sides = {side: [row(task, side) for task in tasks] for side in ("chosen", "rejected")}
     width = max(len(ids) for rows in sides.values() for ids, _ in rows)
     return {f"{side}_{key}": value for side, rows in sides.items()
             for key, value in _padded(rows, width, _pad_id(tokenizer)).items()}

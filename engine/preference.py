@@ -45,6 +45,8 @@ from learner.algos import (
 from verifiers.base import Task
 
 REFERENCE_FILE = "reference_logps.pt"
+REFERENCE_CHUNK_BATCHES = 4
+"""Training batches of pairs per call while the reference is scored."""
 
 
 def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_dir: Path, run_dir: Path) -> Recipe:
@@ -53,7 +55,8 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
     learner = cfg.learner
     start = time.perf_counter()
     held_out = source.eval_tasks(cfg.task.eval_size)
-    reference = (reference_logps(run_dir, group, [*drawn_pairs(source, cfg), *held_out], tokenizer, cfg)
+    tokens: dict[tuple[str, str], tuple[list[int], int]] = {}  # each pair tokenised once, whatever the epochs
+    reference = (reference_logps(run_dir, group, [*drawn_pairs(source, cfg), *held_out], tokenizer, cfg, tokens)
                  if PREFERENCE_LOSSES[learner.preference_loss].uses_reference else None)
     first_step = {"perf/reference_s": time.perf_counter() - start}  # logged with step 1
     held_out_batch = preference_batch(held_out, tokenizer, cfg.max_len)
@@ -61,7 +64,7 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
 
     def batch() -> dict[str, torch.Tensor]:
         tasks = source.sample(learner.batch_size)
-        out = preference_batch(tasks, tokenizer, cfg.max_len)
+        out = preference_batch(tasks, tokenizer, cfg.max_len, tokens)
         return out | _lookup(reference, tasks) if reference is not None else out
 
     def evaluate(samples: int) -> dict[str, float]:
@@ -134,7 +137,8 @@ def drawn_pairs(source: TaskSource, cfg: Any) -> list[Task]:
     return list(seen.values())
 
 
-def reference_logps(run_dir: Path, group: Any, pairs: list[Task], tokenizer: Any, cfg: Any) -> dict[str, tuple[float, float]]:
+def reference_logps(run_dir: Path, group: Any, pairs: list[Task], tokenizer: Any, cfg: Any,
+                    tokens: dict[tuple[str, str], tuple[list[int], int]] | None = None) -> dict[str, tuple[float, float]]:
     """Pair id -> the reference's (chosen, rejected) sequence log-probabilities of `pairs`: read from the
     run directory, or scored now by `group` (which must hold the starting weights) and written there."""
     path = run_dir / REFERENCE_FILE
@@ -145,10 +149,10 @@ def reference_logps(run_dir: Path, group: Any, pairs: list[Task], tokenizer: Any
         print(f"[assay] dpo: {path} is of other pairs or settings; scoring the reference again")
     print(f"[assay] dpo: scoring the {len(pairs)} pairs this stage uses with the reference (the starting weights), once")
     logps: dict[str, tuple[float, float]] = {}
-    chunk = cfg.learner.batch_size
+    chunk = REFERENCE_CHUNK_BATCHES * cfg.learner.batch_size  # fewer, larger calls: no gradients to hold
     for start in range(0, len(pairs), chunk):
         tasks = pairs[start : start + chunk]
-        scored = group.pair_logps(preference_batch(tasks, tokenizer, cfg.max_len))
+        scored = group.pair_logps(preference_batch(tasks, tokenizer, cfg.max_len, tokens))
         for task, c, r in zip(tasks, scored["chosen"].tolist(), scored["rejected"].tolist()):
             logps[task.meta["pair"]] = (c, r)
     tmp = path.with_name(f".{path.name}.tmp")

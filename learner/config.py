@@ -181,6 +181,11 @@ class LearnerConfig:
     simpo_gamma: float = 0.5
     """`stage=dpo` with `preference_loss=simpo`: the target reward margin gamma."""
 
+    preference_shared_prefix: bool = True
+    """`stage=dpo`: run each pair as one row -- the prompt once, then both responses, each masked from the
+    other -- instead of two rows (`learner.preference_step`): the same numbers on fewer tokens. Needs an
+    attention that takes a custom mask (`sdpa`, `eager`); with another the pairs run as two rows."""
+
     preference_nll_coef: float = 0.0
     """`stage=dpo`: weight of an extra NLL term on the chosen responses (token mean over the batch), as
     RPO and TRL's `rpo_alpha` add; 0 leaves it out."""

@@ -1,8 +1,8 @@
 """Preference pairs for `stage=dpo`: a file of (prompt, chosen, rejected) rows, or generated arithmetic pairs.
 
 Both are task sources (the `TaskSource` protocol): a training task's `meta` holds `chosen` and
-`rejected` (its `response`, for corpora and SFT, is the chosen one) and `pair`, the pair's id, which
-keys the reference log-probabilities the DPO stage computes once (`engine.preference`); a pair source
+`rejected` (its `response`, for corpora and SFT, is the chosen one) and `pair`, a hash of the pair's
+content, which keys the reference log-probabilities the DPO stage computes once (`engine.preference`); a pair source
 also says how many training pairs it draws from (`training_pairs()`).
 
 - `pairs` (`task.pairs.path`): JSON Lines or Parquet, checked whole when the source is built, so a bad
@@ -20,13 +20,14 @@ also says how many training pairs it draws from (`training_pairs()`).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from engine.tasks.arithmetic import ANSWER_TEMPLATES, ArithmeticSource, carry_free_sum, evaluate
-from engine.tasks.base import PAIR_COLUMNS, TaskConfig, prompt_text
+from engine.tasks.base import PAIR_COLUMNS, TaskConfig, problem_hash, prompt_text
 from engine.tasks.files import RecordFields, RowStream, TaskFileError, is_prompt, read_rows
 from verifiers.base import Task
 
@@ -52,6 +53,12 @@ class PairRow:
     where: str  # "<file>:<line>"
     margin: float | None = None
 
+    @property
+    def key(self) -> str:
+        """A hash of the pair's content: what keys its reference log-probabilities and tokens (ids may
+        repeat across a training and a held-out file; equal content has equal numbers)."""
+        return problem_hash(json.dumps([self.prompt, self.chosen, self.rejected]))
+
 
 class PairStream(RowStream):
     """`RowStream` over `PairRow`s: tasks whose `meta` carries the pair."""
@@ -60,7 +67,7 @@ class PairStream(RowStream):
 
     def _task(self, row: PairRow, task_id: str) -> Task:
         return Task(id=task_id, prompt=row.prompt, reference=row.reference or "", verifier=self.verifier,
-                    meta={"response": row.chosen, "chosen": row.chosen, "rejected": row.rejected, "pair": row.id,
+                    meta={"response": row.chosen, "chosen": row.chosen, "rejected": row.rejected, "pair": row.key,
                           "source": row.where, "judged": row.reference is not None, "margin": row.margin})
 
     def corpus(self, n_docs: int) -> Iterator[str]:

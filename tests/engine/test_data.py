@@ -100,3 +100,14 @@ def test_preference_batch_pads_both_sides_to_one_width(word_tokenizer: PreTraine
     assert batch["chosen_loss_mask"].sum(-1).tolist() == [3.0, 3.0]
     assert batch["rejected_loss_mask"].sum(-1).tolist() == [2.0, 5.0]
     assert not batch["chosen_loss_mask"][:, 0].any()
+
+
+def test_preference_batch_cache_tokenises_each_pair_once(word_tokenizer: PreTrainedTokenizerFast) -> None:
+    tasks = [Task(id=f"{i}@0", prompt="what is it", reference="", verifier="math",
+                  meta={"chosen": "one two", "rejected": "three", "pair": f"p{i}"}) for i in range(3)]
+    cache: dict = {}
+    first = preference_batch(tasks, word_tokenizer, 32, cache)
+    assert len(cache) == 6  # 3 pairs x 2 sides
+    tasks[0].meta["chosen"] = "changed text"  # a cached pair is not tokenised again
+    again = preference_batch(tasks, word_tokenizer, 32, cache)
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -68,7 +68,7 @@ def test_chat_messages_and_the_implicit_prompt_form(tmp_path: Path) -> None:
                             eval_size=0)
     task = source.sample(1)[0]
     assert task.prompt == prompt and (task.meta["chosen"], task.meta["rejected"]) == ("4", "5")
-    assert task.meta["pair"] == "7"
+    assert task.id == "7@0"
 
 
 @pytest.mark.parametrize(
