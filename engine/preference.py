@@ -50,8 +50,8 @@ REFERENCE_CHUNK_BATCHES = 4
 
 
 def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_dir: Path, run_dir: Path) -> Recipe:
-    """The DPO stage's batches, step and evaluation (see the module docstring)."""
-    require_pairs(cfg, source)
+    """The DPO stage's batches, step and evaluation (see the module docstring); `source` yields pairs
+    (`require_pairs`, checked before the run directory opens)."""
     learner = cfg.learner
     start = time.perf_counter()
     held_out = source.eval_tasks(cfg.task.eval_size)
@@ -93,13 +93,13 @@ def dpo_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_d
 def rm_recipe(cfg: Any, group: Any, source: TaskSource, tokenizer: Any, model_dir: Path, run_dir: Path) -> Recipe:
     """The RM stage: the Bradley-Terry loss on the pairs (with their `margin` when the data has one), and
     the held-out pair accuracy of the rewards."""
-    require_pairs(cfg, source)
     held_out = source.eval_tasks(cfg.task.eval_size)
     held_out_batch = preference_batch(held_out, tokenizer, cfg.max_len)
+    tokens: dict[tuple[str, str], tuple[list[int], int]] = {}
 
     def batch() -> dict[str, torch.Tensor]:
         tasks = source.sample(cfg.learner.batch_size)
-        out = preference_batch(tasks, tokenizer, cfg.max_len)
+        out = preference_batch(tasks, tokenizer, cfg.max_len, tokens)
         margins = [task.meta.get("margin") for task in tasks]
         if any(m is not None for m in margins):
             out["margin"] = torch.tensor([m or 0.0 for m in margins], dtype=torch.float32)

@@ -30,7 +30,7 @@ EARLIER_STAGES = {"pretrain": (), "sft": ("pretrain",), "dpo": ("sft", "pretrain
 
 @dataclass(frozen=True)
 class Recipe:
-    """What one offline stage (pretrain, SFT, DPO) does inside the loop they share (`engine.supervised`)."""
+    """What one offline stage (pretrain, SFT, DPO, RM) does inside the loop they share (`engine.supervised`)."""
 
     batch: Callable[[], dict[str, Any]]
     """The next training batch (advances the task source)."""
