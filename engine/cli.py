@@ -59,8 +59,21 @@ CODE_DEMO_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
              "task.linear_code.teacher_accuracy=0.4")),
     ("rl", ("steps=20", "eval_every=10", "learner.lr=1e-4", "learner.warmup_steps=5")),
 )
+# `experiment=preference` (configs/experiment/preference.yaml): the demo's first three stages, then a reward
+# model and DPO on generated pairs from the flawed teacher's SFT export, and GRPO from that same export
+# against the reward model alone, the math verifier logged beside it at weight 0 (the gold judge).
+PREFERENCE_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *DEMO_STAGES[:3],
+    ("rm", ("task=arithmetic_pairs", "init_from=sft", "steps=100", "eval_every=25", "learner.lr=3e-4",
+            "learner.warmup_steps=10")),
+    ("dpo", ("task=arithmetic_pairs", "init_from=sft", "steps=100", "eval_every=25", "learner.lr=1e-4",
+             "learner.warmup_steps=10")),
+    ("rl", ("stage_dir=rl_rm", "init_from=sft", "steps=30", "eval_every=10", "learner.lr=3e-5",
+            "learner.warmup_steps=10", "+verifier.options.reward_model.path=${runs_dir}/${name}/rm/final/hf",
+            "verifier.rewards=[{verifier:reward_model,weight:1.0},{verifier:task,weight:0.0}]")),
+)
 # experiment -> its demo stages; any other experiment runs DEMO_STAGES.
-STAGES_BY_EXPERIMENT = {"code_demo": CODE_DEMO_STAGES}
+STAGES_BY_EXPERIMENT = {"code_demo": CODE_DEMO_STAGES, "preference": PREFERENCE_STAGES}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ This module holds no table, so a collector's module imports it (and nothing of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ from engine.scoring import score_on_actors
 from learner.algos import overlong_penalty
 from rollout.types import Response
 from verifiers import Task, Verdict
+from verifiers.registry import display_name
 
 if TYPE_CHECKING:  # engine.config imports the collector table: no import back at run time
     from engine.config import AssayConfig
@@ -106,6 +107,31 @@ def score(scorers: list[Any], tasks: list[Task], responses: list[Response],
               for i, (text, _) in enumerate(items)]
     judged = [(task, verdict) for (_, task), verdict in zip(unique, verdicts)]
     return torch.tensor(scores, dtype=torch.float32).view(len(tasks), n), judged  # (P, G)
+
+
+def composed_score(scorers: list[Any], tasks: list[Task], responses: list[Response], n: int,
+                   components: list[Any]) -> tuple[torch.Tensor, list[tuple[Task, Verdict]], dict[str, float]]:
+    """`score`, with the reward the weighted sum of `components` (`verifier.rewards`: each a verifier name,
+    or `task` for the task's own, and a weight) when there are any: rewards `(P, G)` (NaN where any term
+    could not judge; a weight-0 term only watches), every verification made, and `reward/<verifier>`
+    (each term's mean over the samples it judged; the `task` term goes by the tasks' verifier when they
+    share one)."""
+    if not components:
+        return (*score(scorers, tasks, responses, n), {})
+    total = torch.zeros(len(tasks), n)
+    judged: list[tuple[Task, Verdict]] = []
+    metrics: dict[str, float] = {}
+    for term in components:
+        named = tasks if term.verifier == "task" else [replace(t, verifier=term.verifier) for t in tasks]
+        rewards, verdicts = score(scorers, named, responses, n)  # (P, G)
+        if term.weight:  # a weight-0 term is only logged (a gold judge to watch)
+            total += term.weight * rewards  # NaN stays NaN
+        judged += verdicts
+        seen = rewards[~torch.isnan(rewards)]
+        own = {t.verifier for t in tasks} if term.verifier == "task" else {term.verifier}
+        name = display_name(own.pop()) if len(own) == 1 else "task"  # `task`: the tasks' verifier, named
+        metrics[f"reward/{name}"] = float(seen.mean()) if seen.numel() else 0.0
+    return total, judged, metrics
 
 
 def shaped(rewards: torch.Tensor, responses: list[Response], cfg: AssayConfig) -> torch.Tensor:

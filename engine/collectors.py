@@ -19,9 +19,9 @@ import torch
 from engine.collector_base import (
     Collector,
     CollectorContext,
+    composed_score,
     rollout_metrics,
     sample_seed,
-    score,
     shaped,
     whole_minibatch_groups,
 )
@@ -65,7 +65,7 @@ class TaskCollector:
             sampling = sampling_from_config(cfg.rollout, seed=sample_seed(cfg.seed, step, round_))
             responses = self.ctx.rollout.generate(tasks, n, sampling)
             t1 = time.perf_counter()
-            scores, verdicts = score(self.ctx.scorers, tasks, responses, n)
+            scores, verdicts, terms = composed_score(self.ctx.scorers, tasks, responses, n, cfg.verifier.rewards)
             judged += verdicts
             rewards = shaped(scores, responses, cfg)  # (P, G)
             observe = getattr(source, "observe", None)  # a source that adapts to the verdicts (a curriculum)
@@ -75,7 +75,7 @@ class TaskCollector:
             metrics["perf/verify_s"] += time.perf_counter() - t1
             staleness = torch.tensor([step - r.weight_version for r in responses]).view(len(tasks), n)  # (P, G)
             if round_ == 0:
-                metrics.update(rollout_metrics(responses, rewards))
+                metrics.update(rollout_metrics(responses, rewards) | terms)
                 metrics.update({"rollout/staleness_mean": float(staleness.float().mean()),
                                 "rollout/staleness_max": float(staleness.max()), "rollout/stale_dropped": 0.0})
             keep = informative_groups(rewards) if cfg.rl.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)

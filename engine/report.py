@@ -1,7 +1,10 @@
 """The end-of-run report: the curves people would rather see than read (one PNG), a text summary,
 and `report.json` for scripts: `{"stages": {name: {"accuracy", "sampled_accuracy", "seconds"}},
 "total_seconds"}` (accuracy: greedy exact match on the held-out set, as a fraction; sampled_accuracy:
-pass@1, the mean score of G samples at temperature 1, from each stage's final evaluation)."""
+pass@1, the mean score of G samples at temperature 1, from each stage's final evaluation; a DPO or RM
+stage adds `pair_accuracy`, the held-out pairs it ranks right). An RL stage whose reward has several
+terms (`verifier.rewards`) plots each term's train score beside the reward: a reward model's rising
+while a weight-0 gold verifier's falls is reward over-optimisation."""
 
 from __future__ import annotations
 
@@ -37,12 +40,19 @@ def write_report(out_dir: Path, stages: list[tuple[Path, float]]) -> Path:
                            + (f" (first {acc[0][1]:.3f})" if len(acc) > 1 else ""))
         if reward:  # an RL stage: its own panel, over its own steps
             ax_rl.plot(*zip(*reward), alpha=0.6, label=f"{stage_dir.name}: train reward")
+            for term in sorted({k for r in records for k in r if k.startswith("reward/")}):  # verifier.rewards
+                curve = [(r["step"], r[term]) for r in records if term in r]
+                ax_rl.plot(*zip(*curve), linestyle=":", label=f"{stage_dir.name}: {term.split('/', 1)[1]} (train)")
             if acc:
                 ax_rl.plot(*zip(*acc), marker="o", label=f"{stage_dir.name}: held-out greedy")
             if sampled:
                 ax_rl.plot(*zip(*sampled), marker="x", linestyle="--", label=f"{stage_dir.name}: held-out sampled")
+        pairs = [r[k] for r in records for k in ("eval/preference_accuracy", "eval/rm_accuracy") if k in r]
+        if pairs:
+            summary.append(f"{stage_dir.name}: held-out pair accuracy {pairs[-1]:.3f}")
         table[stage_dir.name] = {"accuracy": acc[-1][1] if acc else None,
-                                 "sampled_accuracy": sampled[-1][1] if sampled else None, "seconds": seconds}
+                                 "sampled_accuracy": sampled[-1][1] if sampled else None, "seconds": seconds,
+                                 **({"pair_accuracy": pairs[-1]} if pairs else {})}
         offset += int(records[-1]["step"]) if records else 0
     ax_loss.set(title="training loss (NLL)", xlabel="step (stages back to back)", yscale="log")
     ax_acc.set(title="held-out greedy accuracy", xlabel="step (stages back to back)", ylim=(0, 1.02))

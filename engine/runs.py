@@ -144,8 +144,10 @@ def open_stage(cfg: AssayConfig, verifiers: bool = False,
     check_weights(model_dir)
     if verifiers and cfg.verifier.endpoint:  # the service builds the verifiers: it must answer
         check_endpoint(cfg.verifier.endpoint, cfg.verifier.timeout_s)
-    elif verifiers:
-        built = check_verifiers({t.verifier for t in source.eval_tasks(cfg.task.eval_size)}, cfg.verifier.options)
+    elif verifiers:  # the tasks' verifiers and the reward's other terms (`verifier.rewards`)
+        names = {t.verifier for t in source.eval_tasks(cfg.task.eval_size)}
+        names |= {term.verifier for term in cfg.verifier.rewards if term.verifier != "task"}
+        built = check_verifiers(names, cfg.verifier.options)
         check_references(source, built, cfg.verifier.options)
     run_dir, resume_from = open_run(cfg)
     return Stage(run_dir, resume_from, source, model_dir)

@@ -19,9 +19,10 @@ import os
 from collections import Counter
 from typing import Any
 
-from verifiers import Task, Verdict
+from verifiers import Task, Verdict, registry
+from verifiers.base import DEFAULT_SCORE_RANGE, infra_error
 from verifiers.config import VerifierConfig
-from verifiers.pool import VerifierPool
+from verifiers.pool import VerifierPool, checked_verdict
 from verifiers.registry import display_name
 
 # `Verdict.error` -> the per-step counters `verifier/<name>/...` it adds one to besides `infra_errors`
@@ -51,19 +52,73 @@ def build_pool(cfg: VerifierConfig, log_path: str | os.PathLike[str] | None = No
 
 
 class VerifierPoolActor:
-    """A Ray actor (`start_verifier_actors` makes it one) holding one pool."""
+    """A Ray actor (`start_verifier_actors` makes it one) holding one pool, and the batched verifiers
+    (`batched = True` with a `verify_batch`, as `engine.reward_model`'s), which it builds once and runs in
+    its own process on whole lists of items instead of sending them one by one to process workers."""
 
     def __init__(self, cfg: VerifierConfig, log_path: str | None = None) -> None:
         self.pool = build_pool(cfg, log_path)
+        self.options = dict(cfg.options)
+        self.batched: dict[str, Any] = {}  # name -> the built verifier, or None for a per-item one
 
     def score(self, items: list[tuple[str, Task]]) -> list[Verdict]:
-        return self.pool.score(items)
+        names = {task.verifier for _, task in items}
+        own = {name for name in names if self._batched(name) is not None}  # built, or a build error to report
+        if not own:
+            return self.pool.score(items)
+        verdicts: list[Verdict | None] = [None] * len(items)
+        rest = [i for i, (_, task) in enumerate(items) if task.verifier not in own]
+        for i, verdict in zip(rest, self.pool.score([items[i] for i in rest]) if rest else []):
+            verdicts[i] = verdict
+        for name in own:
+            index = [i for i, (_, task) in enumerate(items) if task.verifier == name]
+            for i, verdict in zip(index, self._score_batched(name, [items[i] for i in index])):
+                verdicts[i] = verdict
+        return [v for v in verdicts if v is not None]
+
+    def _batched(self, name: str) -> Any:
+        """The built batched verifier `name`, or None when it is a per-item one (the pool's)."""
+        if name not in self.batched:
+            try:
+                cls = registry.resolve(name)
+            except registry.UnknownVerifierError:
+                self.batched[name] = None  # the pool reports it, per item
+                return None
+            if not is_batched(cls):
+                self.batched[name] = None
+                return None
+            try:
+                self.batched[name] = registry.load(name, **self.options.get(name, {}))
+            except Exception as exc:  # noqa: BLE001 -- reported per item as a `build` infra error, built again next time
+                return f"build: cannot build verifier {name!r}: {type(exc).__name__}: {exc}"
+        return self.batched[name]
+
+    def _score_batched(self, name: str, items: list[tuple[str, Task]]) -> list[Verdict]:
+        verifier = self._batched(name)
+        if isinstance(verifier, str):
+            return [infra_error("build", verifier)] * len(items)
+        try:
+            verdicts = verifier.verify_batch(items)
+        except Exception as exc:  # noqa: BLE001 -- a failing verifier is an infra error per item, never a crash
+            return [infra_error("error", f"error: {name}.verify_batch raised {type(exc).__name__}: {exc}")] * len(items)
+        if len(verdicts) != len(items):
+            return [infra_error("error", f"error: {name}.verify_batch returned {len(verdicts)} verdicts for "
+                                         f"{len(items)} items")] * len(items)
+        score_range = getattr(verifier, "score_range", DEFAULT_SCORE_RANGE)
+        return [checked_verdict(v, score_range) if isinstance(v, Verdict) else
+                infra_error("error", f"error: {name}.verify_batch returned {type(v).__name__}") for v in verdicts]
 
     def metrics(self) -> dict[str, float]:
         return self.pool.metrics()
 
     def close(self) -> None:
         self.pool.close()
+
+
+def is_batched(verifier: Any) -> bool:
+    """Whether a verifier (class or object) scores lists of items itself: `batched = True` and a
+    `verify_batch(items) -> list[Verdict]`."""
+    return bool(getattr(verifier, "batched", False)) and callable(getattr(verifier, "verify_batch", None))
 
 
 def start_verifier_actors(cfg: VerifierConfig, count: int = 1,

@@ -13,6 +13,17 @@ from typing import Any
 
 
 @dataclass
+class RewardComponent:
+    """One term of the RL reward (`VerifierConfig.rewards`)."""
+
+    verifier: str = "task"
+    """A verifier's name (or `module:Class`), or `task`: the verifier each task names."""
+
+    weight: float = 1.0
+    """The term's weight in the sum."""
+
+
+@dataclass
 class VerifierConfig:
     workers: int = 2
     """Process workers in the local pool (each builds its verifiers once and reuses them)."""
@@ -35,6 +46,15 @@ class VerifierConfig:
 
     call_timeout_s: float | None = None
     """Deadline of one batched gRPC call; None = `timeout_s * items + 30` (the serial worst case)."""
+
+    rewards: list[RewardComponent] = field(default_factory=list)
+    """RL: the training reward as a weighted sum of verifiers' scores of each response, e.g.
+    `[{verifier: task, weight: 1.0}, {verifier: reward_model, weight: 0.2}]` (the task's own verifier plus
+    0.2 x a reward model's normalised score); each term is logged as `reward/<verifier>`. A response one
+    term cannot judge has no reward (left out, as any infra error). A weight-0 term is only logged: the
+    gold judge to watch while training against a reward model (its score falling while the reward
+    model's rises is reward over-optimisation). Empty: the task's verifier alone. Held-out evaluation
+    always uses the task's verifier."""
 
     max_infra_error_frac: float = 0.5
     """Stop the run when more than this share of one RL step's verifications are infra errors (the
