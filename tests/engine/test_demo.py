@@ -54,6 +54,26 @@ def test_demo_runs_every_stage_and_writes_the_report(ray_local, tmp_path: Path, 
     assert json.loads((aside / "report.json").read_text())["stages"].keys() == report["stages"].keys()
 
 
+@pytest.mark.vllm
+def test_the_preference_demo_trains_a_reward_model_dpo_and_rl_against_the_reward_model(ray_local, tmp_path: Path) -> None:
+    from engine.cli import main
+
+    assert main(["demo", "experiment=preference", f"runs_dir={tmp_path}", "steps=2", "progress=false",
+                 "rl.prompts_per_step=16", "task.eval_size=8", "task.pairs.size=32", "rollout.kv_cache_gib=0.5",
+                 "corpus_docs=500"]) == 0
+    run = tmp_path / "preference"
+    report = json.loads((run / "report.json").read_text())["stages"]
+    assert list(report) == ["pretrain", "sft_clean", "sft", "rm", "dpo", "rl_rm"]
+    assert 0.0 <= report["rm"]["pair_accuracy"] <= 1.0 and 0.0 <= report["dpo"]["pair_accuracy"] <= 1.0
+    # DPO, the reward model and RL all start from the flawed teacher's SFT export
+    for stage in ("rm", "dpo", "rl_rm"):
+        assert "init_from: sft" in (run / stage / "config.yaml").read_text().splitlines(), stage
+    rl = [r for r in read_metrics(run / "rl_rm" / "metrics.jsonl") if "rollout/reward_mean" in r]
+    assert rl and all(0.0 < r["reward/reward_model"] < 1.0 and 0.0 <= r["reward/math"] <= 1.0 for r in rl)
+    # the reward is the reward model's score alone (the math verifier only watches, at weight 0)
+    assert all(r["rollout/reward_mean"] == pytest.approx(r["reward/reward_model"], abs=1e-5) for r in rl)
+
+
 def test_stop_at_accuracy_ends_a_supervised_stage_at_the_evaluation_that_reaches_it(ray_local, tmp_path) -> None:
     from engine.checkpoint import read_state
     from engine.supervised import run_stage
