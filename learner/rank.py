@@ -372,8 +372,7 @@ def _build_engine(
 
 
 def _policy_model(cfg: LearnerConfig, model_dir: str) -> PreTrainedModel:
-    model = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) if cfg.head == "lm"
-             else reward_model(model_dir, cfg.seed))
+    model = MODEL_HEADS[cfg.head](model_dir, cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -402,6 +401,13 @@ def reward_model(model_dir: str, seed: int) -> PreTrainedModel:
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * std)
     return model  # type: ignore[no-any-return]
+
+
+# LearnerConfig.head -> the model the learner trains, built from (model_dir, seed).
+MODEL_HEADS = {
+    "lm": lambda model_dir, seed: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+    "reward": reward_model,
+}
 
 
 def _pad_token_id(model_dir: str, config: Any) -> int | None:
