@@ -124,12 +124,13 @@ def require_pairs(cfg: Any, source: TaskSource) -> None:
 
 def drawn_pairs(source: TaskSource, cfg: Any) -> list[Task]:
     """Each training pair the stage's `steps` batches will draw, once, in draw order: the stream is read
-    ahead from its start and rewound, and reading stops once every training pair has been seen."""
+    ahead from its start and rewound. An epoch draws every training pair once, so reading stops after
+    one (pairs of equal content count once)."""
     state = source.state_dict()
-    wanted, pool = cfg.steps * cfg.learner.batch_size, source.training_pairs()  # type: ignore[attr-defined]
+    wanted = min(cfg.steps * cfg.learner.batch_size, source.training_pairs())  # type: ignore[attr-defined]
     seen: dict[str, Task] = {}
     drawn = 0
-    while drawn < wanted and len(seen) < pool:
+    while drawn < wanted:
         for task in source.sample(min(cfg.learner.batch_size, wanted - drawn)):
             seen.setdefault(task.meta["pair"], task)
         drawn += cfg.learner.batch_size
