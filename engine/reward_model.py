@@ -53,24 +53,21 @@ class RewardModelVerifier:
         return self.verify_batch([(response, task)])[0]
 
     def verify_batch(self, items: list[tuple[str, Task]]) -> list[Verdict]:
-        """One verdict per item, in order; items that cannot be tokenised (a prompt longer than `max_len`)
-        are infra errors, the rest scored in batches of `batch_size`."""
-        verdicts: list[Verdict | None] = [None] * len(items)
-        rows: list[tuple[int, Task]] = []
-        for i, (response, task) in enumerate(items):
-            row = Task(id=task.id, prompt=task.prompt, reference="", verifier=self.name, meta={"response": response})
-            try:
-                sft_batch([row], self.tokenizer, self.max_len)
-            except ValueError as err:
-                verdicts[i] = infra_error("error", f"reward_model: {err}")
-                continue
-            rows.append((i, row))
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            batch = sft_batch([row for _, row in chunk], self.tokenizer, self.max_len)
-            with torch.no_grad():
-                rewards = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-            for (i, _), reward in zip(chunk, rewards.tolist()):
-                score = 1.0 / (1.0 + math.exp(-reward)) if self.normalise == "sigmoid" else reward
-                verdicts[i] = Verdict(score, f"reward {reward:.4f}", {"reward_model/reward": reward})
-        return [v for v in verdicts if v is not None]
+        """One verdict per item, in order, scored in batches of `batch_size`; an item that cannot be
+        tokenised (a prompt longer than `max_len`) is an infra error, its batch's others are scored."""
+        rows = [Task(id=task.id, prompt=task.prompt, reference="", verifier=self.name, meta={"response": response})
+                for response, task in items]
+        return [v for start in range(0, len(rows), self.batch_size)
+                for v in self._score(rows[start : start + self.batch_size])]
+
+    def _score(self, rows: list[Task]) -> list[Verdict]:
+        try:
+            batch = sft_batch(rows, self.tokenizer, self.max_len)  # tokenised once in the common case
+        except ValueError as err:
+            if len(rows) == 1:
+                return [infra_error("error", f"reward_model: {err}")]
+            return [v for row in rows for v in self._score([row])]  # find the item at fault
+        with torch.no_grad():
+            rewards = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        return [Verdict(1.0 / (1.0 + math.exp(-r)) if self.normalise == "sigmoid" else r, f"reward {r:.4f}",
+                        {"reward_model/reward": r}) for r in rewards.tolist()]

@@ -21,7 +21,6 @@ NLL of the chosen responses normalised by the GLOBAL chosen-token count.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +44,6 @@ class PreferenceSteps(LearnerRank):
                              "computes them with the starting weights before the first step)")
         settings = PreferenceSettings(self.cfg.preference_beta, self.cfg.preference_label_smoothing, self.cfg.simpo_gamma)
         nll_coef = self.cfg.preference_nll_coef
-        start = time.perf_counter()
-        lr = self.engine.get_lr()[0]
 
         def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             policy = self._pair_forward(batch, rows)
@@ -63,16 +60,7 @@ class PreferenceSteps(LearnerRank):
             seq_tokens = sum(float(batch[f"{side}_attention_mask"][rows].sum()) for side in SIDES)
             return loss, metrics | {"learner/seq_tokens": seq_tokens, "learner/pairs": float(rows.stop - rows.start)}
 
-        totals, grad_norm = self._accumulate(self.engine, pairs, micro_loss)
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        return totals | {
-            "learner/grad_norm": grad_norm,
-            "learner/lr": float(lr),
-            "learner/step": float(self.step),
-            "perf/learner_step_s": elapsed,
-            "perf/learner_tokens_per_s": totals["learner/seq_tokens"] / elapsed,
-        }
+        return self._optimizer_step(pairs, micro_loss)
 
     @torch.no_grad()
     def pair_logps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -83,9 +71,7 @@ class PreferenceSteps(LearnerRank):
         """
         pairs = check_pairs(batch)
         self.engine.eval()
-        parts = []
-        for start in range(0, pairs, self.cfg.micro_batch_size):
-            parts.append(self._pair_forward(batch, slice(start, min(start + self.cfg.micro_batch_size, pairs))))
+        parts = [self._pair_forward(batch, rows) for rows in self._micro_slices(pairs)]
         return {field: torch.cat([getattr(p, field).cpu() for p in parts]) if parts else torch.zeros(0)
                 for field in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")}
 

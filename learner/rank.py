@@ -189,10 +189,8 @@ class LearnerRank:
         """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         self.engine.eval()
-        out = []
-        for start in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
-            rows = slice(start, start + self.cfg.micro_batch_size)
-            out.append(self._forward_logprobs(input_ids[rows], attention_mask[rows]).cpu())
+        out = [self._forward_logprobs(input_ids[rows], attention_mask[rows]).cpu()
+               for rows in self._micro_slices(input_ids.shape[0])]
         return torch.cat(out) if out else torch.zeros(input_ids.shape, dtype=torch.float32)
 
     def _forward_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -209,6 +207,23 @@ class LearnerRank:
         logits = self._forward_logits(input_ids, attention_mask)  # (b, T, V)
         return token_logprobs(logits, input_ids.to(self.device))  # (b, T)
 
+
+    def _optimizer_step(self, rows: int, micro_loss: Any) -> dict[str, float]:
+        """One optimizer step of the policy over `rows` rows (`_accumulate`), counted, with the numbers every
+        one-step call reports besides `micro_loss`'s: grad norm, lr, step, seconds and tokens/s (the
+        metrics must hold `learner/seq_tokens`)."""
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        totals, grad_norm = self._accumulate(self.engine, rows, micro_loss)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        return totals | {"learner/grad_norm": grad_norm, "learner/lr": float(lr), "learner/step": float(self.step),
+                         "perf/learner_step_s": elapsed, "perf/learner_tokens_per_s": totals["learner/seq_tokens"] / elapsed}
+
+    def _micro_slices(self, rows: int) -> list[slice]:
+        """`rows` rows in micro-batches of `micro_batch_size` (the last one maybe shorter)."""
+        mbs = self.cfg.micro_batch_size
+        return [slice(start, min(start + mbs, rows)) for start in range(0, rows, mbs)]
 
     def _accumulate(
         self, engine: Any, rows: int, micro_loss: Any

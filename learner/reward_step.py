@@ -9,8 +9,6 @@ the margin as in Llama 2's reward models), summed and divided by the GLOBAL pair
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,6 @@ class RewardSteps(LearnerRank):
         if self.cfg.head != "reward":
             raise ValueError("train_reward_step needs the scalar head: LearnerConfig.head=reward (stage=rm sets it)")
         pairs = check_pairs(batch, self.cfg.micro_batch_size)
-        start = time.perf_counter()
-        lr = self.engine.get_lr()[0]
 
         def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             chosen, rejected = self._pair_rewards(batch, rows)
@@ -37,24 +33,16 @@ class RewardSteps(LearnerRank):
             seq_tokens = sum(float(batch[f"{side}_attention_mask"][rows].sum()) for side in SIDES)
             return loss, metrics | {"learner/seq_tokens": seq_tokens, "learner/pairs": float(rows.stop - rows.start)}
 
-        totals, grad_norm = self._accumulate(self.engine, pairs, micro_loss)
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        return totals | {"learner/grad_norm": grad_norm, "learner/lr": float(lr), "learner/step": float(self.step),
-                         "perf/learner_step_s": elapsed, "perf/learner_tokens_per_s": totals["learner/seq_tokens"] / elapsed}
+        return self._optimizer_step(pairs, micro_loss)
 
     @torch.no_grad()
     def pair_rewards(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The rewards of both sides of every pair, `chosen` and `rejected` (N,) each, on CPU."""
         pairs = check_pairs(batch)
         self.engine.eval()
-        chosen, rejected = [], []
-        for start in range(0, pairs, self.cfg.micro_batch_size):
-            c, r = self._pair_rewards(batch, slice(start, min(start + self.cfg.micro_batch_size, pairs)))
-            chosen.append(c.float().cpu())
-            rejected.append(r.float().cpu())
-        return {"chosen": torch.cat(chosen) if chosen else torch.zeros(0),
-                "rejected": torch.cat(rejected) if rejected else torch.zeros(0)}
+        parts = [self._pair_rewards(batch, rows) for rows in self._micro_slices(pairs)]
+        return {side: torch.cat([p[i].float().cpu() for p in parts]) if parts else torch.zeros(0)
+                for i, side in enumerate(SIDES)}
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """One reward per row (b,), read as transformers reads a one-label classifier's logit."""

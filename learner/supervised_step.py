@@ -3,8 +3,6 @@ normalised by the GLOBAL loss-token count (`learner.algos.LOSSES`, picked by `le
 
 from __future__ import annotations
 
-import time
-
 from torch import Tensor
 
 from learner.rank import LearnerRank, check_batch
@@ -22,8 +20,6 @@ class SupervisedSteps(LearnerRank):
         input_ids, attention_mask, loss_mask = check_batch(batch, self.cfg.micro_batch_size)
         if num_tokens is None:
             num_tokens = int(loss_mask.sum())
-        start = time.perf_counter()
-        lr = self.engine.get_lr()[0]
 
         def micro_loss(rows: slice) -> tuple[Tensor, dict[str, float]]:
             logprobs = self._forward_logprobs(input_ids[rows], attention_mask[rows])  # (b, T)
@@ -32,17 +28,4 @@ class SupervisedSteps(LearnerRank):
             return loss, metrics | {"learner/loss": loss.item(), "learner/tokens": float(loss_mask[rows].sum()),
                                     "learner/seq_tokens": float(attention_mask[rows].sum())}
 
-        totals, grad_norm = self._accumulate(self.engine, input_ids.shape[0], micro_loss)
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        totals.update(
-            {
-                "learner/grad_norm": grad_norm,
-                "learner/lr": float(lr),
-                "learner/step": float(self.step),
-                "perf/learner_step_s": elapsed,
-                "perf/learner_tokens_per_s": totals["learner/seq_tokens"] / elapsed,
-            }
-        )
-        return totals
-
+        return self._optimizer_step(input_ids.shape[0], micro_loss)

@@ -57,6 +57,12 @@ def test_scores_are_the_models_reward_through_a_sigmoid_in_batches_or_alone(rm_d
         reward = direct_reward(rm_dir, t.prompt, response)
         assert verdict.score == pytest.approx(1 / (1 + math.exp(-reward)), abs=1e-5)
         assert verifier.verify(response, t).score == pytest.approx(verdict.score, abs=1e-5)
+    # a prompt past max_len is an infra error, never a score; the others of its batch are scored as before
+    short = RewardModelVerifier(rm_dir, batch_size=8, max_len=16)
+    long_task = Task(id="long", prompt="What is 1+1? " * 20, reference="2", verifier="math")
+    mixed = short.verify_batch([items[0], ("\\boxed{2}", long_task), items[2]])
+    assert mixed[1].score is None and "max_len=16" in mixed[1].reason
+    assert [mixed[0].score, mixed[2].score] == pytest.approx([batched[0].score, batched[2].score], abs=1e-5)
     raw = RewardModelVerifier(rm_dir, normalise="none")
     assert raw.verify(*items[0]).score == pytest.approx(direct_reward(rm_dir, task(1).prompt, "\\boxed{2}"), abs=1e-5)
     assert raw.score_range == (-math.inf, math.inf)
